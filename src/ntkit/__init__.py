@@ -1,0 +1,23 @@
+"""ntkit: Neural Tangent Kernels in PyTorch.
+
+Declare an architecture once and get its finite-width ``torch.nn.Module``
+(``net.module``), its analytic infinite-width NNGP and NTK (``net.kernel``) and, for any
+module, its empirical NTK.
+
+>>> import ntkit as nk
+>>> net = nk.mlp(depth=4, width=512)          # JGH's network
+>>> k = net.kernel(x)                          # k.nngp, k.ntk: (N, N) float64
+"""
+
+from .kernels import Kernels
+from .layers import (ABReLU, Abs, Cos, Dense, Elementwise, Erf, FanInSum, FanOut, GELU,
+                     Identity, Layer, LayerNorm, LeakyReLU, ReLU, SiLU, Sigmoid, Sin, Softplus,
+                     Tanh, mlp, parallel, serial)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ABReLU", "Abs", "Cos", "Dense", "Elementwise", "Erf", "FanInSum", "FanOut", "GELU",
+    "Identity", "Kernels", "Layer", "LayerNorm", "LeakyReLU", "ReLU", "SiLU", "Sigmoid", "Sin",
+    "Softplus", "Tanh", "mlp", "parallel", "serial",
+]

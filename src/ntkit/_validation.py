@@ -1,0 +1,155 @@
+"""Input checks shared by every public entry point.
+
+Bad input must produce a clear ``ValueError`` that names the argument and, where it can,
+the offending rows; never a silent NaN or a wrong answer.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+Tensorish = Any  # torch.Tensor | numpy.ndarray | nested sequences
+
+
+def resolve_dtype(dtype: Any, name: str = "dtype") -> torch.dtype:
+    """Map ``None``/strings/numpy dtypes to a floating torch dtype (float64 by default)."""
+    if dtype is None:
+        return torch.float64
+    if isinstance(dtype, str):
+        table = {"float64": torch.float64, "double": torch.float64, "float32": torch.float32,
+                 "float": torch.float32}
+        if dtype not in table:
+            raise ValueError(f"{name}={dtype!r} is not supported; use 'float64' or 'float32'.")
+        return table[dtype]
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float64, torch.float32):
+            raise ValueError(f"{name}={dtype} is not supported; use torch.float64 or torch.float32.")
+        return dtype
+    try:
+        return resolve_dtype(np.dtype(dtype).name, name)
+    except TypeError as err:
+        raise ValueError(f"{name}={dtype!r} is not a floating dtype.") from err
+
+
+def _describe_rows(rows: torch.Tensor, limit: int = 8) -> str:
+    rows = rows.tolist()
+    shown = ", ".join(str(r) for r in rows[:limit])
+    return shown + (f", ... ({len(rows)} rows in all)" if len(rows) > limit else "")
+
+
+def as_tensor(x: Tensorish, name: str, *, dtype: torch.dtype | None = None,
+              device: torch.device | str | None = None) -> torch.Tensor:
+    """Convert ``x`` to a floating tensor without changing its shape; reject non-numeric data."""
+    if isinstance(x, torch.Tensor):
+        t = x
+    else:
+        try:
+            arr = np.asarray(x)
+        except Exception as err:  # ragged lists and the like
+            raise ValueError(f"{name} could not be converted to an array: {err}") from err
+        if arr.dtype == object or arr.dtype.kind in "USV":
+            raise ValueError(f"{name} has dtype {arr.dtype}; expected real numbers.")
+        t = torch.from_numpy(np.ascontiguousarray(arr))
+    if t.is_complex():
+        raise ValueError(f"{name} is complex ({t.dtype}); kernels are defined for real inputs.")
+    if t.dtype == torch.bool:
+        raise ValueError(f"{name} has dtype bool; expected real numbers (cast it to float first).")
+    if not (t.is_floating_point() or t.dtype in (torch.int8, torch.int16, torch.int32,
+                                                 torch.int64, torch.uint8)):
+        raise ValueError(f"{name} has unsupported dtype {t.dtype}; expected a real floating dtype.")
+    target = dtype if dtype is not None else (t.dtype if t.is_floating_point() else torch.float64)
+    return t.to(device=device if device is not None else t.device, dtype=target)
+
+
+def check_finite(t: torch.Tensor, name: str) -> None:
+    """Raise naming the rows of ``t`` that hold NaN or infinity."""
+    finite = torch.isfinite(t)
+    if not bool(finite.all()):
+        bad = (~finite).reshape(t.shape[0], -1).any(dim=1).nonzero().flatten()
+        raise ValueError(f"{name} contains NaN or infinite values in rows [{_describe_rows(bad)}]; "
+                         "remove or impute them before computing kernels.")
+
+
+def as_inputs(x: Tensorish, name: str, *, dtype: torch.dtype | None = None,
+              device: torch.device | str | None = None) -> torch.Tensor:
+    """Validate a batch of fully connected inputs: a finite, non-empty ``(N, d)`` array."""
+    if x is None:
+        raise ValueError(f"{name} is None; expected an array of shape (N, d).")
+    t = as_tensor(x, name, dtype=dtype, device=device)
+    if t.ndim != 2:
+        hint = " (a single example needs shape (1, d))" if t.ndim == 1 else ""
+        raise ValueError(f"{name} must have shape (N, d); got shape {tuple(t.shape)}{hint}.")
+    if t.shape[0] == 0 or t.shape[1] == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(t.shape)}); need at least one row and "
+                         "one feature.")
+    check_finite(t, name)
+    return t
+
+
+def as_input_pair(x1: Tensorish, x2: Tensorish | None, *, dtype: torch.dtype | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Validate ``x1`` and (optionally) ``x2``; ``x2`` follows ``x1``'s device."""
+    t1 = as_inputs(x1, "x1", dtype=dtype)
+    if x2 is None:
+        return t1, None
+    t2 = as_inputs(x2, "x2", dtype=dtype, device=t1.device)
+    if t2.shape[1] != t1.shape[1]:
+        raise ValueError(f"x1 has {t1.shape[1]} features but x2 has {t2.shape[1]}; both must "
+                         "have the same feature dimension.")
+    return t1, t2
+
+
+def check_nonnegative(value: Any, name: str) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name} must be a real number; got {value!r}.") from err
+    if not math.isfinite(v) or v < 0:
+        raise ValueError(f"{name} must be finite and >= 0; got {value!r}.")
+    return v
+
+
+def check_positive_int(value: Any, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}.")
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}; got {value}.")
+    return int(value)
+
+
+def check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}.")
+    return value
+
+
+def available_memory(device: torch.device | str = "cpu") -> int:
+    """Bytes that can be allocated on ``device`` now (free GPU memory, or MemAvailable)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"

@@ -1,0 +1,117 @@
+"""The layer protocol: one declaration, a forward map (``build``) and a kernel map.
+
+Every layer is an immutable value. It knows
+
+* how to build its finite-width ``torch.nn.Module`` (``build``), and
+* how the infinite-width kernels of a batch of input pairs change when the layer is
+  applied (``kernel_map``).
+
+The kernel state flowing between layers is a :class:`PairKernel`. In the usual "full"
+mode ``cov`` and ``ntk`` hold one tile of the ``N1 x N2`` kernels and ``var1``/``var2``
+the matching self-covariances as a column/row so that everything broadcasts. In
+"diagonal" mode all four hold the ``N`` values ``k(x, x)`` and ``var1``/``var2`` are the
+same tensor as ``cov``.
+
+Conventions (see DESIGN.md):
+* ``cov`` is the NNGP covariance of the current representation. Before the first Dense
+  layer it is the input Gram ``x . x' / n0``.
+* ``ntk`` is the per-output NTK accumulated so far (``None`` when the NTK is not asked).
+* ``width`` is the declared feature count of the current representation; the standard
+  parameterization's NTK needs it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+
+if TYPE_CHECKING:
+    from ..kernels.analytic import Kernels
+
+
+@dataclass(frozen=True)
+class PairKernel:
+    """Infinite-width kernels of a tile of input pairs at one point of the network."""
+
+    cov: torch.Tensor
+    var1: torch.Tensor
+    var2: torch.Tensor
+    ntk: torch.Tensor | None
+    width: int
+    diagonal: bool = False
+
+    def replace(self, **changes: Any) -> "PairKernel":
+        return replace(self, **changes)
+
+
+KernelState = Any  # PairKernel, or a tuple of states after FanOut
+
+
+class Layer:
+    """Base class of every ntkit layer and network (a ``serial`` is a layer too)."""
+
+    #: the feature dimension this layer maps to, given the input dimension
+    def out_dim(self, in_dim: Any) -> Any:
+        return in_dim
+
+    def kernel_map(self, k: KernelState) -> KernelState:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def build(self, in_dim: Any, generator: torch.Generator | None, dtype: torch.dtype,
+              device: torch.device | None) -> torch.nn.Module:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- the three views
+    def module(self, in_dim: int, seed: int | None = None, *, dtype: torch.dtype | None = None,
+               device: torch.device | str | None = None) -> torch.nn.Module:
+        """View 1: a finite-width ``torch.nn.Module`` initialised as the parameterization says.
+
+        Args:
+            in_dim: number of input features.
+            seed: seed of a private ``torch.Generator``; ``None`` uses torch's global RNG.
+            dtype: parameter dtype (default: ``torch.get_default_dtype()``).
+            device: parameter device (default: CPU).
+        Returns:
+            A module mapping ``(N, in_dim)`` inputs to ``(N, out_dim)`` outputs.
+        """
+        from .._validation import check_positive_int
+
+        check_positive_int(in_dim, "in_dim")
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device="cpu")
+            generator.manual_seed(int(seed))
+        dtype = dtype if dtype is not None else torch.get_default_dtype()
+        device = torch.device(device) if device is not None else None
+        return self.build(in_dim, generator, dtype, device)
+
+    def kernel(self, x1: Any, x2: Any | None = None, get: str | Sequence[str] = ("nngp", "ntk"),
+               diagonal: bool = False, *, dtype: Any = None,
+               memory_budget: int | None = None) -> "Kernels":
+        """View 2: the analytic infinite-width kernels.
+
+        Args:
+            x1: ``(N1, d)`` inputs (tensor or array). The result lives on ``x1``'s device.
+            x2: ``(N2, d)`` inputs, or ``None`` for ``x2 = x1`` (computed once, mirrored,
+                exactly symmetric).
+            get: ``"nngp"``, ``"ntk"`` or both.
+            diagonal: if True, return only ``k(x, x)`` for each row of ``x1``, shape ``(N1,)``,
+                in O(N1 d) time.
+            dtype: ``torch.float64`` (default) or ``torch.float32`` (opt-in, for speed).
+            memory_budget: bytes of workspace for the tiles (default: a cache-sized tile).
+        Returns:
+            :class:`~ntkit.kernels.analytic.Kernels` with ``.nngp`` and ``.ntk``, each
+            ``(N1, N2)`` (or ``(N1,)``): the per-output kernel; the full kernel over
+            ``n_out`` outputs is ``k ⊗ I``.
+        """
+        from ..kernels.analytic import analytic_kernel
+
+        return analytic_kernel(self, x1, x2, get=get, diagonal=diagonal, dtype=dtype,
+                               memory_budget=memory_budget)
+
+    def __repr__(self) -> str:
+        fields = getattr(self, "__dataclass_fields__", {})
+        args = ", ".join(f"{name}={getattr(self, name)!r}" for name in fields)
+        return f"{type(self).__name__}({args})"

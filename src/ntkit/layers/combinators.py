@@ -1,0 +1,227 @@
+"""Combinators (serial, branches, sums), LayerNorm, and the ``mlp`` shorthand."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from .._validation import check_choice, check_nonnegative, check_positive_int
+from .activations import activation_from_name
+from .base import Layer, PairKernel
+from .dense import PARAMETERIZATIONS, Dense
+
+
+class Serial(Layer):
+    """Layers applied one after the other. ``serial(a, b)(x) = b(a(x))``."""
+
+    def __init__(self, layers: Sequence[Layer]):
+        layers = tuple(layers)
+        if not layers:
+            raise ValueError("serial() needs at least one layer.")
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Layer):
+                raise ValueError(f"serial(): argument {i} is {layer!r}, not an ntkit layer "
+                                 "(use nk.Dense, nk.ReLU(), ... or nk.Elementwise(fn)).")
+        self.layers = layers
+
+    def out_dim(self, in_dim):
+        for layer in self.layers:
+            in_dim = layer.out_dim(in_dim)
+        return in_dim
+
+    def kernel_map(self, k):
+        for layer in self.layers:
+            k = layer.kernel_map(k)
+        return k
+
+    def build(self, in_dim, generator, dtype, device):
+        modules = []
+        for layer in self.layers:
+            modules.append(layer.build(in_dim, generator, dtype, device))
+            in_dim = layer.out_dim(in_dim)
+        return torch.nn.Sequential(*modules)
+
+    def __repr__(self):
+        return "serial(" + ", ".join(map(repr, self.layers)) + ")"
+
+
+def serial(*layers: Layer) -> Serial:
+    """Compose layers left to right into one network (itself a layer)."""
+    flat: list[Layer] = []
+    for layer in layers:
+        flat.extend(layer.layers if isinstance(layer, Serial) else (layer,))
+    return Serial(flat)
+
+
+class FanOut(Layer):
+    """Copy the input into ``n`` identical branches (for residual blocks)."""
+
+    def __init__(self, n: int):
+        self.n = check_positive_int(n, "n")
+
+    def out_dim(self, in_dim):
+        return (in_dim,) * self.n
+
+    def kernel_map(self, k):
+        return (k,) * self.n
+
+    def build(self, in_dim, generator, dtype, device):
+        return FanOutModule(self.n)
+
+    def __repr__(self):
+        return f"FanOut({self.n})"
+
+
+class Parallel(Layer):
+    """Apply branch ``i`` to input ``i``; independent parameters per branch."""
+
+    def __init__(self, branches: Sequence[Layer]):
+        self.branches = tuple(branches)
+        if not self.branches:
+            raise ValueError("parallel() needs at least one branch.")
+
+    def _check(self, n: int) -> None:
+        if n != len(self.branches):
+            raise ValueError(f"parallel() has {len(self.branches)} branches but received {n} "
+                             "inputs; put FanOut(n) with the same n before it.")
+
+    def out_dim(self, in_dim):
+        if not isinstance(in_dim, tuple):
+            raise ValueError("parallel() needs several inputs; put FanOut(n) before it.")
+        self._check(len(in_dim))
+        return tuple(b.out_dim(d) for b, d in zip(self.branches, in_dim))
+
+    def kernel_map(self, k):
+        if isinstance(k, PairKernel):
+            raise ValueError("parallel() needs several inputs; put FanOut(n) before it.")
+        self._check(len(k))
+        return tuple(b.kernel_map(ki) for b, ki in zip(self.branches, k))
+
+    def build(self, in_dim, generator, dtype, device):
+        self.out_dim(in_dim)
+        return ParallelModule([b.build(d, generator, dtype, device)
+                               for b, d in zip(self.branches, in_dim)])
+
+    def __repr__(self):
+        return "parallel(" + ", ".join(map(repr, self.branches)) + ")"
+
+
+def parallel(*branches: Layer) -> Parallel:
+    """Branches applied side by side, to the outputs of a ``FanOut``."""
+    return Parallel(branches)
+
+
+class FanInSum(Layer):
+    """Sum the branches. Independent Gaussian branches add their kernels."""
+
+    def out_dim(self, in_dim):
+        if not isinstance(in_dim, tuple):
+            return in_dim
+        if len(set(in_dim)) != 1:
+            raise ValueError(f"FanInSum() needs branches of equal width; got {list(in_dim)}.")
+        return in_dim[0]
+
+    def kernel_map(self, k):
+        if isinstance(k, PairKernel):
+            return k
+        widths = {ki.width for ki in k}
+        if len(widths) != 1:
+            raise ValueError(f"FanInSum() needs branches of equal width; got {sorted(widths)}.")
+        ntks = [ki.ntk for ki in k]
+        return k[0].replace(
+            cov=sum(ki.cov for ki in k), var1=sum(ki.var1 for ki in k),
+            var2=sum(ki.var2 for ki in k),
+            ntk=None if ntks[0] is None else sum(ntks))
+
+    def build(self, in_dim, generator, dtype, device):
+        self.out_dim(in_dim)
+        return FanInSumModule()
+
+    def __repr__(self):
+        return "FanInSum()"
+
+
+class LayerNorm(Layer):
+    """Normalise each example over its features: ``(z − mean z) / std z``.
+
+    In the infinite-width limit the mean vanishes and ``std z → sqrt(Σ(x, x))``, so the
+    kernel map divides both Σ(x, x') and Θ(x, x') by ``sqrt(Σ(x, x) Σ(x', x'))``. A row with
+    zero variance maps to zero. ``eps`` only guards the finite-width division.
+    """
+
+    def __init__(self, eps: float = 1e-12):
+        self.eps = check_nonnegative(eps, "eps")
+
+    def kernel_map(self, k):
+        if not isinstance(k, PairKernel):
+            raise ValueError("LayerNorm() received several branches; use FanInSum() first.")
+        norm = torch.sqrt(k.var1 * k.var2)
+        inv = torch.where(norm > 0, 1 / torch.where(norm > 0, norm, torch.ones_like(norm)),
+                          torch.zeros_like(norm))
+        unit1 = (k.var1 > 0).to(k.cov.dtype)
+        unit2 = (k.var2 > 0).to(k.cov.dtype)
+        cov = k.cov * inv
+        return k.replace(cov=cov, var1=cov if k.diagonal else unit1,
+                         var2=cov if k.diagonal else unit2,
+                         ntk=None if k.ntk is None else k.ntk * inv)
+
+    def build(self, in_dim, generator, dtype, device):
+        return LayerNormModule(self.eps)
+
+    def __repr__(self):
+        return f"LayerNorm(eps={self.eps})"
+
+
+class FanOutModule(torch.nn.Module):
+    def __init__(self, n: int):
+        super().__init__()
+        self.n = n
+
+    def forward(self, x):
+        return (x,) * self.n
+
+
+class ParallelModule(torch.nn.ModuleList):
+    def forward(self, xs):
+        return tuple(m(x) for m, x in zip(self, xs))
+
+
+class FanInSumModule(torch.nn.Module):
+    def forward(self, xs):
+        if isinstance(xs, torch.Tensor):
+            return xs
+        total = xs[0]
+        for x in xs[1:]:
+            total = total + x
+        return total
+
+
+class LayerNormModule(torch.nn.Module):
+    def __init__(self, eps: float):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x):
+        centred = x - x.mean(dim=-1, keepdim=True)
+        return centred / torch.sqrt(centred.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+
+
+def mlp(depth: int, width: int, activation: Any = "relu", W_std: float = 1.0,
+        b_std: float = 0.1, out_dim: int = 1, parameterization: str = "ntk") -> Serial:
+    """A fully connected network with ``depth`` Dense layers (``depth − 1`` hidden layers).
+
+    ``nk.mlp(4, 512)`` is JGH's network: Dense → ReLU, three times, then Dense(1); every
+    Dense has ``W_std`` and ``b_std``. ``activation`` is a name ("relu", "erf", "tanh", ...),
+    an ntkit activation, or a torch function (dual by quadrature).
+    """
+    depth = check_positive_int(depth, "depth")
+    width = check_positive_int(width, "width")
+    out_dim = check_positive_int(out_dim, "out_dim")
+    check_choice(parameterization, "parameterization", PARAMETERIZATIONS)
+    act = activation_from_name(activation)
+    layers: list[Layer] = []
+    for _ in range(depth - 1):
+        layers += [Dense(width, W_std, b_std, parameterization), act]
+    layers.append(Dense(out_dim, W_std, b_std, parameterization))
+    return Serial(layers)

@@ -1,0 +1,111 @@
+"""Fully connected layers in the NTK and the standard parameterization."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .._validation import check_choice, check_nonnegative, check_positive_int
+from .base import Layer, PairKernel
+
+PARAMETERIZATIONS = ("ntk", "standard")
+
+
+class Dense(Layer):
+    """A fully connected layer ``R^{n} -> R^{out_dim}``.
+
+    * ``parameterization="ntk"`` (JGH): ``W, b ~ N(0, 1)`` and
+      ``z = W_std / sqrt(n) · W a + b_std · b``.
+    * ``parameterization="standard"``: ``W ~ N(0, W_std²/n)``, ``b ~ N(0, b_std²)`` and
+      ``z = W a + b``. The bias is always trainable, so its gradient (1) enters the NTK
+      even when ``b_std = 0``.
+
+    Kernel map: ``Σ' = W_std² Σ + b_std²`` in both; the NTK is
+    ``Θ' = W_std² Θ + Σ'`` (ntk) or ``Θ' = W_std² Θ + n Σ + 1`` (standard, ``n`` the
+    declared fan-in width), where ``Σ`` is the incoming covariance per feature.
+    """
+
+    def __init__(self, out_dim: int, W_std: float = 1.0, b_std: float = 0.0,
+                 parameterization: str = "ntk"):
+        self.out_dim_ = check_positive_int(out_dim, "out_dim")
+        self.W_std = check_nonnegative(W_std, "W_std")
+        self.b_std = check_nonnegative(b_std, "b_std")
+        self.parameterization = check_choice(parameterization, "parameterization",
+                                             PARAMETERIZATIONS)
+
+    def out_dim(self, in_dim):
+        if isinstance(in_dim, tuple):
+            raise ValueError("Dense received several branches; combine them with FanInSum() "
+                             "first.")
+        return self.out_dim_
+
+    def kernel_map(self, k: PairKernel) -> PairKernel:
+        if not isinstance(k, PairKernel):
+            raise ValueError("Dense received several branches; combine them with FanInSum() "
+                             "first.")
+        w2, b2 = self.W_std ** 2, self.b_std ** 2
+        cov = w2 * k.cov + b2
+        var1 = cov if k.diagonal else w2 * k.var1 + b2
+        var2 = cov if k.diagonal else w2 * k.var2 + b2
+        ntk = k.ntk
+        if ntk is not None:
+            if self.parameterization == "ntk":
+                ntk = w2 * ntk + cov
+            else:
+                ntk = w2 * ntk + k.width * k.cov + 1.0
+        return k.replace(cov=cov, var1=var1, var2=var2, ntk=ntk, width=self.out_dim_)
+
+    def build(self, in_dim, generator, dtype, device):
+        self.out_dim(in_dim)  # rejects several branches
+        return DenseModule(in_dim, self.out_dim_, self.W_std, self.b_std,
+                           self.parameterization, generator=generator, dtype=dtype,
+                           device=device)
+
+    def __repr__(self):
+        return (f"Dense({self.out_dim_}, W_std={self.W_std}, b_std={self.b_std}, "
+                f"parameterization={self.parameterization!r})")
+
+
+class DenseModule(torch.nn.Module):
+    """Finite-width Dense layer. Attributes ``W_std``, ``b_std`` and ``parameterization`` say
+    how ``weight`` and ``bias`` enter the forward map (the empirical NTK's structured path
+    reads them)."""
+
+    def __init__(self, in_features: int, out_features: int, W_std: float, b_std: float,
+                 parameterization: str, *, generator: torch.Generator | None = None,
+                 dtype: torch.dtype | None = None, device: torch.device | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.W_std, self.b_std = float(W_std), float(b_std)
+        self.parameterization = parameterization
+        weight = torch.randn(out_features, in_features, generator=generator, dtype=dtype)
+        bias = torch.randn(out_features, generator=generator, dtype=dtype)
+        if parameterization == "standard":
+            weight *= W_std / math.sqrt(in_features)
+            bias *= b_std
+        self.weight = torch.nn.Parameter(weight.to(device))
+        self.bias = torch.nn.Parameter(bias.to(device))
+
+    @property
+    def weight_scale(self) -> float:
+        """Factor multiplying ``weight @ a`` in the forward map."""
+        if self.parameterization == "ntk":
+            return self.W_std / math.sqrt(self.in_features)
+        return 1.0
+
+    @property
+    def bias_scale(self) -> float:
+        """Factor multiplying ``bias`` in the forward map."""
+        return self.b_std if self.parameterization == "ntk" else 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.parameterization == "ntk":
+            return F.linear(x, self.weight) * self.weight_scale + self.bias_scale * self.bias
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"W_std={self.W_std}, b_std={self.b_std}, "
+                f"parameterization={self.parameterization!r}")
