@@ -83,6 +83,20 @@ def _final(state: Any) -> PairKernel:
     return state
 
 
+def _shared_row_ids(t1: torch.Tensor, t2: torch.Tensor):
+    """Ids that are equal exactly where a row of ``t1`` equals a row of ``t2``, or ``(None,
+    None)`` if no row is shared.
+
+    For x = x' the correlation must be exactly 1: the gemm value of x·x' differs from |x|² in
+    the last bit, which arccos turns into a 1e-8 error of the ReLU-family kernels.
+    """
+    _, inverse = torch.unique(torch.cat([t1, t2]), dim=0, return_inverse=True)
+    ids1, ids2 = inverse[: t1.shape[0]], inverse[t1.shape[0]:]
+    if not bool(torch.isin(ids1, ids2).any()):
+        return None, None
+    return ids1, ids2
+
+
 def analytic_kernel(net: Layer, x1: Any, x2: Any | None = None,
                     get: str | Sequence[str] = KERNEL_NAMES, diagonal: bool = False, *,
                     dtype: Any = None, memory_budget: int | None = None,
@@ -134,12 +148,16 @@ def analytic_kernel(net: Layer, x1: Any, x2: Any | None = None,
 
     sq1 = (t1 * t1).sum(dim=1) / n0
     sq2 = sq1 if symmetric else (t2 * t2).sum(dim=1) / n0
+    ids1, ids2 = (None, None) if symmetric else _shared_row_ids(t1, t2)
     size = _tile_size(memory_budget, len(names), itemsize, _uses_quadrature(net))
     for rows in _tiles(n1, size):
         for cols in _tiles(n2, size):
             if symmetric and cols.start < rows.start:
                 continue
             cov = (t1[rows] @ t2[cols].T).div_(n0)
+            if ids1 is not None:
+                same = ids1[rows, None] == ids2[None, cols]
+                cov = torch.where(same, sq1[rows, None].expand_as(cov), cov)
             if symmetric and cols == rows:
                 # A Gram tile from gemm is symmetric only up to rounding, and its diagonal may
                 # differ from the row norms in the last bit (which arccos would amplify to
@@ -151,6 +169,10 @@ def analytic_kernel(net: Layer, x1: Any, x2: Any | None = None,
             final = _final(net.kernel_map(state))
             for name in names:
                 tile = final.cov if name == "nngp" else final.ntk
+                if symmetric and cols == rows:
+                    # Closed forms are symmetric already; a quadrature rule treats its two
+                    # arguments differently and is symmetric only to its accuracy.
+                    tile = (tile + tile.T).mul_(0.5)
                 target = results[name]
                 target[rows, cols] = tile
                 if symmetric and cols.start != rows.start:
