@@ -20,7 +20,7 @@ from ..layers.base import Layer, PairKernel
 KERNEL_NAMES = ("nngp", "ntk")
 # Bytes of elementwise workspace per tile entry: about a dozen live temporaries per layer.
 _WORKSPACE_FACTOR = 16
-_DEFAULT_TILE = 1024
+_DEFAULT_TILE = 512
 
 
 @dataclass
@@ -149,7 +149,10 @@ def analytic_kernel(net: Layer, x1: Any, x2: Any | None = None,
     sq1 = (t1 * t1).sum(dim=1) / n0
     sq2 = sq1 if symmetric else (t2 * t2).sum(dim=1) / n0
     ids1, ids2 = (None, None) if symmetric else _shared_row_ids(t1, t2)
-    size = _tile_size(memory_budget, len(names), itemsize, _uses_quadrature(net))
+    quadrature = _uses_quadrature(net)
+    size = _tile_size(memory_budget, len(names), itemsize, quadrature)
+    # The NTK of the raw input is 0; a 0-d tensor broadcasts without filling a tile.
+    zero = torch.zeros((), dtype=dtype, device=t1.device)
     for rows in _tiles(n1, size):
         for cols in _tiles(n2, size):
             if symmetric and cols.start < rows.start:
@@ -165,11 +168,11 @@ def analytic_kernel(net: Layer, x1: Any, x2: Any | None = None,
                 cov = (cov + cov.T).mul_(0.5)
                 cov.diagonal().copy_(sq1[rows])
             state = PairKernel(cov=cov, var1=sq1[rows, None], var2=sq2[None, cols],
-                               ntk=torch.zeros_like(cov) if want_ntk else None, width=n0)
+                               ntk=zero if want_ntk else None, width=n0)
             final = _final(net.kernel_map(state))
             for name in names:
                 tile = final.cov if name == "nngp" else final.ntk
-                if symmetric and cols == rows:
+                if quadrature and symmetric and cols == rows:
                     # Closed forms are symmetric already; a quadrature rule treats its two
                     # arguments differently and is symmetric only to its accuracy.
                     tile = (tile + tile.T).mul_(0.5)

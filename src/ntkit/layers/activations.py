@@ -27,15 +27,18 @@ _TWO_PI = 2.0 * math.pi
 
 
 def _correlation(cov: torch.Tensor, var1: torch.Tensor, var2: torch.Tensor):
-    """Return ``(rho, norm)`` with ``norm = sqrt(var1 var2)`` and ``rho`` clipped to [-1, 1].
+    """Return ``(rho, norm)``: ``norm = sqrt(var1 var2)`` and ``rho = cov / norm`` in [-1, 1].
 
-    Rows with zero variance (a zero input without bias) get ``rho = 0``: any value works for
-    the NNGP there (it is multiplied by ``norm = 0``) and 0 is the convention of
-    neural-tangents for the derivative term.
+    ``var1``/``var2`` are a column and a row (full mode) or two diagonals. Forming the product
+    before the square root keeps ``norm`` exactly symmetric and makes ``rho`` exactly 1 for
+    x = x' (``sqrt(v·v) == v`` in IEEE arithmetic), where arccos is most sensitive.
+    Rows with zero variance (a zero input without bias) have ``cov = 0`` and get ``rho = 0``:
+    any value works for the NNGP there and 0 is neural-tangents' convention for the
+    derivative term.
     """
-    norm = torch.sqrt(var1 * var2)
-    safe = torch.where(norm > 0, norm, torch.ones_like(norm))
-    rho = torch.where(norm > 0, cov / safe, torch.zeros_like(cov))
+    # Clamping the zero norms to `tiny` leaves every use of `norm` exact to ~1e-308.
+    norm = (var1 * var2).sqrt_().clamp_(min=torch.finfo(cov.dtype).tiny)
+    rho = cov / norm
     return rho.clamp_(-1.0, 1.0), norm
 
 
@@ -117,12 +120,13 @@ class ABReLU(Activation):
     def dual(self, cov, var1, var2, need_dot=True):
         a, b = self.a, self.b
         rho, norm = _correlation(cov, var1, var2)
-        theta = torch.arccos(rho)
         factor = (a - b) ** 2 / _TWO_PI
-        dot = (a * a + b * b) / 2 - factor * theta
+        theta = torch.arccos(rho)
+        # In place where possible: this is the hot loop of every ReLU-network kernel.
+        sine = torch.sin(theta).mul_(norm) if factor else None  # sqrt(var1 var2 − cov²)
+        dot = theta.mul_(-factor).add_((a * a + b * b) / 2)
         if factor:
-            sine_part = norm * torch.sqrt(torch.clamp(1 - rho * rho, min=0))
-            nngp = factor * sine_part + dot * cov
+            nngp = torch.addcmul(sine, dot, cov, value=1 / factor).mul_(factor)
         else:
             nngp = dot * cov
         return nngp, (dot if need_dot else None)
@@ -188,11 +192,15 @@ class Erf(Activation):
         return (2.0 / math.sqrt(math.pi)) * torch.exp(-x * x)
 
     def dual(self, cov, var1, var2, need_dot=True):
-        prod = (1 + 2 * var1) * (1 + 2 * var2)
-        nngp = (2 / math.pi) * torch.arcsin(torch.clamp(2 * cov / torch.sqrt(prod), -1, 1))
+        # arcsin argument 2cov/sqrt((1+2var1)(1+2var2)); the square roots cost O(N) per tile
+        scale = ((1 + 2 * var1) * (1 + 2 * var2)).rsqrt_()
+        arg = (2 * cov).mul_(scale).clamp_(-1, 1)
+        nngp = torch.arcsin(arg).mul_(2 / math.pi)
         dot = None
         if need_dot:
-            dot = (4 / math.pi) / torch.sqrt(torch.clamp(prod - 4 * cov * cov, min=1.0))
+            # (1+2var1)(1+2var2) − 4cov² = (1 − arg²)/scale², and it is >= 1 (so the clamp)
+            det = torch.addcmul(torch.ones_like(arg), arg, arg, value=-1.0).div_(scale * scale)
+            dot = det.clamp_(min=1.0).rsqrt_().mul_(4 / math.pi)
         return nngp, dot
 
     def __repr__(self):

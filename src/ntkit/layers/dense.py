@@ -46,15 +46,15 @@ class Dense(Layer):
             raise ValueError("Dense received several branches; combine them with FanInSum() "
                              "first.")
         w2, b2 = self.W_std ** 2, self.b_std ** 2
-        cov = w2 * k.cov + b2
+        cov = (k.cov * w2).add_(b2)
         var1 = cov if k.diagonal else w2 * k.var1 + b2
         var2 = cov if k.diagonal else w2 * k.var2 + b2
         ntk = k.ntk
         if ntk is not None:
             if self.parameterization == "ntk":
-                ntk = w2 * ntk + cov
+                ntk = torch.add(cov, ntk, alpha=w2)
             else:
-                ntk = w2 * ntk + k.width * k.cov + 1.0
+                ntk = torch.add(ntk * w2, k.cov, alpha=k.width).add_(1.0)
         return k.replace(cov=cov, var1=var1, var2=var2, ntk=ntk, width=self.out_dim_)
 
     def build(self, in_dim, generator, dtype, device):
