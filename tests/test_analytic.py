@@ -280,3 +280,15 @@ def test_cuda_follows_inputs():
     k = net.kernel(x)
     assert k.ntk.device.type == "cuda"
     torch.testing.assert_close(k.ntk.cpu(), net.kernel(x.cpu()).ntk, rtol=1e-10, atol=0)
+
+
+def test_duplicate_rows_get_exact_self_kernel_everywhere():
+    """x_i = x_j must give k(x_i, x_j) = k(x_i, x_i) bit for bit, in x2=None and cross calls."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(40, 30, generator=g, dtype=torch.float64)
+    x[25] = x[3]
+    net = nk.mlp(4, 8, "relu")
+    sym = net.kernel(x, memory_budget=100_000)  # rows 3 and 25 in different tiles
+    cross = net.kernel(x[:10], x[20:])
+    assert sym.ntk[3, 25] == sym.ntk[3, 3] == sym.ntk[25, 25]
+    assert cross.ntk[3, 5] == sym.ntk[3, 3]

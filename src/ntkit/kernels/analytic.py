@@ -83,13 +83,18 @@ def _final(state: Any) -> PairKernel:
     return state
 
 
-def _shared_row_ids(t1: torch.Tensor, t2: torch.Tensor):
-    """Ids that are equal exactly where a row of ``t1`` equals a row of ``t2``, or ``(None,
-    None)`` if no row is shared.
+def _shared_row_ids(t1: torch.Tensor, t2: torch.Tensor | None):
+    """Ids that are equal exactly where a row of ``t1`` equals a row of ``t2`` (or, with
+    ``t2=None``, another row of ``t1``); ``(None, None)`` if no row is shared.
 
     For x = x' the correlation must be exactly 1: the gemm value of x·x' differs from |x|² in
     the last bit, which arccos turns into a 1e-8 error of the ReLU-family kernels.
     """
+    if t2 is None:
+        _, ids = torch.unique(t1, dim=0, return_inverse=True)
+        if int(ids.max()) + 1 == t1.shape[0]:
+            return None, None
+        return ids, ids
     _, inverse = torch.unique(torch.cat([t1, t2]), dim=0, return_inverse=True)
     ids1, ids2 = inverse[: t1.shape[0]], inverse[t1.shape[0]:]
     if not bool(torch.isin(ids1, ids2).any()):
@@ -148,7 +153,7 @@ def analytic_kernel(net: Layer, x1: Any, x2: Any | None = None,
 
     sq1 = (t1 * t1).sum(dim=1) / n0
     sq2 = sq1 if symmetric else (t2 * t2).sum(dim=1) / n0
-    ids1, ids2 = (None, None) if symmetric else _shared_row_ids(t1, t2)
+    ids1, ids2 = _shared_row_ids(t1, None if symmetric else t2)
     quadrature = _uses_quadrature(net)
     size = _tile_size(memory_budget, len(names), itemsize, quadrature)
     # The NTK of the raw input is 0; a 0-d tensor broadcasts without filling a tile.
