@@ -10,9 +10,13 @@ module, its empirical NTK.
 """
 
 from .kernels import Kernels
+from .kernels import (MemoryBudgetError, MonteCarloKernels, NTKParts, empirical_nngp,
+                      empirical_ntk, monte_carlo_kernel)
 from .layers import (ABReLU, Abs, Cos, Dense, Elementwise, Erf, FanInSum, FanOut, GELU,
                      Identity, Layer, LayerNorm, LeakyReLU, ReLU, SiLU, Sigmoid, Sin, Softplus,
                      Tanh, mlp, parallel, serial)
+from . import predict  # nk.predict.gradient_descent_mse, .ensemble, .gp_inference, ...
+from .dynamics import LinearizedModule, TrainHistory, linearize, train
 
 __version__ = "0.1.0"
 

@@ -1,0 +1,102 @@
+"""Kernel matrices as Dask arrays: one task per kernel tile, on any Dask scheduler.
+
+Every block is a pure function of the network (a small picklable value) and two chunks of
+inputs; the inputs travel to the workers through Dask's own serialization, so no shared
+memory or shared filesystem is assumed.
+
+Multi-machine use
+-----------------
+Start a scheduler on one machine and workers on the others, each with ntkit (and the same
+torch) installed::
+
+    machine-a$ dask scheduler                       # listens on tcp://machine-a:8786
+    machine-b$ dask worker tcp://machine-a:8786 --nworkers 1 --nthreads 8
+    machine-c$ dask worker tcp://machine-a:8786 --nworkers 1 --nthreads 8
+
+then, in the client process::
+
+    from dask.distributed import Client
+    client = Client("tcp://machine-a:8786")          # becomes Dask's default scheduler
+    K = ntkit.scale.dask_kernel(net, X, chunks=4096)  # lazy (N, N) dask.array
+    K.to_zarr("s3://bucket/kernel.zarr")              # or K @ v, K.sum(0), ... without gathering
+
+A worker with one process and ``--nthreads T`` runs T tiles at once, each on torch's
+intra-op threads; on a machine with P cores use ``T * torch_threads <= P`` (Dask's nanny sets
+``OMP_NUM_THREADS=1`` in worker processes by default, so torch then uses one thread per
+tile). For inputs too large to embed in the task graph (more than ~100 MB), pass ``X1`` as a
+``dask.array`` read by the workers themselves (``da.from_zarr``, ``da.from_npy_stack``...).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from .._validation import check_choice, check_positive_int, resolve_dtype
+from ..layers.base import Layer
+from .tiled import KERNEL_CHOICES, check_net, prepare_inputs
+
+
+def _kernel_block(x1: np.ndarray, x2: np.ndarray, net: Layer, get: str,
+                  dtype_name: str) -> np.ndarray:
+    """One kernel tile on a worker (numpy in, numpy out)."""
+    dtype = resolve_dtype(dtype_name)
+    t1 = torch.from_numpy(np.ascontiguousarray(x1)).to(dtype)
+    if x1 is x2 or (x1.shape == x2.shape and np.array_equal(x1, x2)):
+        # A diagonal block of a symmetric kernel: the symmetric path makes it exactly symmetric.
+        return net.kernel(t1, None, get=get, dtype=dtype)[get].numpy()
+    t2 = torch.from_numpy(np.ascontiguousarray(x2)).to(dtype)
+    return net.kernel(t1, t2, get=get, dtype=dtype)[get].numpy()
+
+
+def _as_dask_inputs(X: Any, name: str, chunks: int, dtype: torch.dtype):
+    import dask.array as da
+
+    if isinstance(X, da.Array):
+        if X.ndim != 2:
+            raise ValueError(f"{name} must have shape (N, d); got shape {X.shape}.")
+        # Finite values are checked on the workers' blocks by net.kernel itself.
+        return X.astype(np.float64 if dtype == torch.float64 else np.float32).rechunk(
+            (chunks, -1))
+    t, _ = prepare_inputs(X, None, dtype)
+    return da.from_array(t.detach().cpu().numpy(), chunks=(chunks, -1), name=False)
+
+
+def dask_kernel(net: Layer, X1: Any, X2: Any | None = None, *, chunks: int = 2048,
+                get: str = "ntk", dtype: Any = None):
+    """The ``(N1, N2)`` kernel ``get`` of ``net`` as a lazy ``dask.array``.
+
+    Block ``(i, j)`` is ``net.kernel(X1[i-th chunk], X2[j-th chunk])[get]``: the same values
+    as :func:`ntkit.scale.kernel_matrix` with ``tile=chunks``. Nothing is computed until
+    ``.compute()``, ``.to_zarr(...)`` or a reduction is evaluated; then the blocks run on the
+    current Dask scheduler: the local threaded one by default, or a
+    ``dask.distributed.Client`` when one is active (see the module docstring for a
+    multi-machine cluster).
+
+    Args:
+        net: an ntkit network (picklable; it is shipped to the workers).
+        X1: ``(N1, d)`` inputs: numpy/torch (embedded in the graph) or a ``dask.array``.
+        X2: ``(N2, d)`` inputs, or ``None`` for ``X2 = X1``.
+        chunks: rows per block; blocks are ``chunks x chunks``.
+        get: ``"ntk"`` or ``"nngp"`` (per-output kernel).
+        dtype: ``torch.float64`` (default) or ``torch.float32``.
+    Returns:
+        A ``dask.array.Array`` of shape ``(N1, N2)`` with numpy blocks.
+    """
+    import dask.array as da
+
+    net = check_net(net)
+    get = check_choice(get, "get", KERNEL_CHOICES)
+    chunks = check_positive_int(chunks, "chunks")
+    dtype = resolve_dtype(dtype)
+    x1 = _as_dask_inputs(X1, "X1", chunks, dtype)
+    x2 = x1 if X2 is None else _as_dask_inputs(X2, "X2", chunks, dtype)
+    if x1.shape[1] != x2.shape[1]:
+        raise ValueError(f"X1 has {x1.shape[1]} features but X2 has {x2.shape[1]}; both must "
+                         "have the same number of features.")
+    np_dtype = np.float64 if dtype == torch.float64 else np.float32
+    return da.blockwise(_kernel_block, "ij", x1, "ik", x2, "jk", concatenate=True,
+                        dtype=np_dtype, net=net, get=get, dtype_name=str(np_dtype.__name__),
+                        meta=np.empty((0, 0), dtype=np_dtype))

@@ -1,0 +1,354 @@
+"""Kernel regression solves that scale: tiled kernel operators, preconditioned conjugate
+gradients and a Nyström preconditioner.
+
+The system is ``(K + λ I) α = y`` with ``K`` the ``N x N`` train kernel. ``method="cg"``
+never holds ``K``: each conjugate-gradient step is one tiled mat-vec, recomputing the kernel
+tile by tile (O(tile²) memory). Only the tiles on and above the diagonal are computed; each
+is used twice (``K_ij v_j`` and ``K_ijᵀ v_i``).
+
+The Nyström preconditioner follows the randomized-Nyström recipe (Frangella, Tropp & Udell,
+2021; Falkon, Rudi et al. 2017 uses the same landmark approximation): from ``m`` landmark
+columns ``C = K[:, S]`` and ``W = K[S, S]`` form ``K̂ = C W⁺ Cᵀ = U Λ Uᵀ`` and precondition with
+
+    P⁻¹ = U diag((λ_m + μ) / (Λ + μ)) Uᵀ + (I − U Uᵀ),
+
+``μ`` the ridge and ``λ_m`` the smallest kept Nyström eigenvalue. The preconditioned matrix
+has its top ``m`` eigenvalues squeezed to about ``λ_m + μ``, so CG needs tens of iterations
+when the kernel spectrum beyond ``m`` is small against ``μ``, instead of thousands.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from .._validation import (as_tensor, check_choice, check_finite, check_nonnegative,
+                           check_positive_int, resolve_dtype)
+from ..layers.base import Layer
+from .tiled import (DEFAULT_TILE, KERNEL_CHOICES, check_dense_fits, iter_tiles, kernel_tile,
+                    prepare_inputs, tile_slices, _progress_bar)
+
+
+class LinearKernelOperator(Protocol):
+    """What :func:`solve` needs from a symmetric positive semi-definite ``N x N`` kernel."""
+
+    shape: tuple[int, int]
+    dtype: torch.dtype
+    device: torch.device
+
+    def matmul(self, v: torch.Tensor) -> torch.Tensor: ...
+    def diagonal(self) -> torch.Tensor: ...
+    def columns(self, index: torch.Tensor) -> torch.Tensor: ...
+
+
+class KernelOperator:
+    """The train kernel ``K = k(X, X)`` of a network as a matrix-free operator.
+
+    Args:
+        net: an ntkit network.
+        X: ``(N, d)`` training inputs (numpy or torch); the computation runs on its device.
+        get: ``"ntk"`` or ``"nngp"`` (per-output kernel).
+        tile: tile side for the mat-vecs; memory use is a few ``tile x tile`` blocks.
+        dtype: ``torch.float64`` (default) or ``torch.float32``.
+    """
+
+    def __init__(self, net: Layer, X: Any, *, get: str = "ntk", tile: int = DEFAULT_TILE,
+                 dtype: Any = None, progress: bool = False):
+        from .tiled import check_net
+
+        self.net = check_net(net)
+        self.get = check_choice(get, "get", KERNEL_CHOICES)
+        self.tile = check_positive_int(tile, "tile")
+        self.X, _ = prepare_inputs(X, None, resolve_dtype(dtype))
+        n = self.X.shape[0]
+        self.shape = (n, n)
+        self.dtype = self.X.dtype
+        self.device = self.X.device
+        self.progress = progress
+        self.n_matmuls = 0
+
+    def matmul(self, v: torch.Tensor) -> torch.Tensor:
+        """``K v`` for ``v`` of shape ``(N,)`` or ``(N, k)``, computed tile by tile."""
+        vec = v.ndim == 1
+        v2 = v.reshape(v.shape[0], -1)
+        out = torch.zeros_like(v2)
+        tiles = list(iter_tiles(self.shape[0], self.shape[0], self.tile, True))
+        bar = _progress_bar(len(tiles), self.progress, "K @ v")
+        for i, j, rows, cols in tiles:
+            block = kernel_tile(self.net, self.X, None, rows, cols, self.get, True)
+            out[rows] += block @ v2[cols]
+            if i != j:
+                out[cols] += block.T @ v2[rows]
+            if bar is not None:
+                bar.update()
+        if bar is not None:
+            bar.close()
+        self.n_matmuls += 1
+        return out[:, 0] if vec else out
+
+    def diagonal(self) -> torch.Tensor:
+        """``diag(K)``, shape ``(N,)``, in O(N d)."""
+        return self.net.kernel(self.X, get=self.get, diagonal=True, dtype=self.dtype)[self.get]
+
+    def columns(self, index: torch.Tensor) -> torch.Tensor:
+        """``K[:, index]``, shape ``(N, m)``, computed in row tiles."""
+        landmarks = self.X[index]
+        out = torch.empty(self.shape[0], len(index), dtype=self.dtype, device=self.device)
+        for rows in tile_slices(self.shape[0], self.tile):
+            out[rows] = self.net.kernel(self.X[rows], landmarks, get=self.get,
+                                        dtype=self.dtype)[self.get]
+        return out
+
+
+class DenseOperator:
+    """A kernel matrix already in memory, behind the same interface as :class:`KernelOperator`."""
+
+    def __init__(self, K: Any, dtype: Any = None):
+        k = as_tensor(K, "K", dtype=resolve_dtype(dtype) if dtype is not None else None)
+        if not k.is_floating_point():
+            k = k.to(torch.float64)
+        if k.ndim != 2 or k.shape[0] != k.shape[1]:
+            raise ValueError(f"K must be a square (N, N) kernel matrix; got shape "
+                             f"{tuple(k.shape)}.")
+        check_finite(k, "K")
+        self.K = k
+        self.shape = tuple(k.shape)
+        self.dtype = k.dtype
+        self.device = k.device
+        self.n_matmuls = 0
+
+    def matmul(self, v: torch.Tensor) -> torch.Tensor:
+        self.n_matmuls += 1
+        return self.K @ v
+
+    def diagonal(self) -> torch.Tensor:
+        return self.K.diagonal().clone()
+
+    def columns(self, index: torch.Tensor) -> torch.Tensor:
+        return self.K[:, index]
+
+
+class NystromPreconditioner:
+    """``P⁻¹ ≈ (K + μ I)⁻¹`` from ``m`` uniformly sampled landmark columns of ``K``.
+
+    Memory: one ``(N, m)`` matrix. Setup: ``N m`` kernel entries and one ``N m²`` product;
+    each application costs O(N m).
+
+    Args:
+        operator: the kernel operator (needs ``columns``).
+        mu: the ridge ``μ > 0`` of the system.
+        n_landmarks: ``m``; at most ``N``.
+        seed: seed of the landmark sample.
+    """
+
+    def __init__(self, operator: LinearKernelOperator, mu: float, n_landmarks: int,
+                 seed: int | None = 0):
+        n = operator.shape[0]
+        m = min(check_positive_int(n_landmarks, "n_landmarks"), n)
+        if not mu > 0:
+            raise ValueError("The Nyström preconditioner needs diag_reg > 0 (a positive ridge); "
+                             f"got an absolute ridge of {mu}.")
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(0 if seed is None else int(seed))
+        index = torch.randperm(n, generator=gen)[:m].sort().values.to(operator.device)
+        C = operator.columns(index)                      # (N, m)
+        W = C[index]
+        W = 0.5 * (W + W.T)                              # (m, m)
+        # W^{-1/2} as a pseudo-inverse square root: landmarks may repeat a point.
+        evals, evecs = torch.linalg.eigh(W)
+        keep = evals > evals.max().clamp(min=0) * m * torch.finfo(W.dtype).eps
+        W_isqrt = evecs[:, keep] / evals[keep].sqrt()
+        # K̂ = C W⁺ Cᵀ = U Λ Uᵀ with U = C R: the eigenvectors come from the small matrix
+        # W^{-1/2} CᵀC W^{-1/2} = V Λ Vᵀ, so R = W^{-1/2} V Λ^{-1/2}. Keeping C and R instead
+        # of U costs one N·m² product (CᵀC) rather than three.
+        small = W_isqrt.T @ (C.T @ C) @ W_isqrt
+        lam, V = torch.linalg.eigh(0.5 * (small + small.T))
+        keep = lam > lam.max() * 1e-10
+        lam, V = lam[keep], V[:, keep]
+        self.C = C
+        self.R = (W_isqrt @ V) / lam.sqrt()
+        self.eigenvalues = lam                           # Nyström eigenvalues of K
+        self.mu = float(mu)
+        self.scale = (lam.min() + self.mu) / (lam + self.mu)
+        self.index = index
+
+    def __call__(self, r: torch.Tensor) -> torch.Tensor:
+        vec = r.ndim == 1
+        r2 = r.reshape(r.shape[0], -1)
+        proj = self.R.T @ (self.C.T @ r2)                # Uᵀ r
+        out = r2 + self.C @ (self.R @ ((self.scale[:, None] - 1.0) * proj))
+        return out[:, 0] if vec else out
+
+
+@dataclass
+class SolveResult:
+    """Solution of ``(K + λ I) α = y``.
+
+    Attributes:
+        coef: ``α``, shape of ``y`` (``(N,)`` or ``(N, k)``).
+        method: ``"cholesky"`` or ``"cg"``.
+        ridge: the absolute ``λ`` added to the diagonal.
+        iterations: CG iterations (0 for Cholesky).
+        residual: final relative residual ``max_k ‖y − (K + λI)α‖ / ‖y‖`` (CG's recursive
+            estimate; the exact value for Cholesky is not computed and is ``0``).
+        converged: whether every column reached ``tol``.
+        history: relative residual after each CG iteration.
+    """
+
+    coef: torch.Tensor
+    method: str
+    ridge: float
+    iterations: int = 0
+    residual: float = 0.0
+    converged: bool = True
+    history: list[float] = field(default_factory=list)
+
+
+def conjugate_gradient(apply_A, b: torch.Tensor, *, preconditioner=None, tol: float = 1e-6,
+                       max_iter: int = 1000, x0: torch.Tensor | None = None,
+                       callback=None) -> tuple[torch.Tensor, int, torch.Tensor, list[float]]:
+    """Preconditioned CG for ``A x = b`` with ``b`` of shape ``(N, k)``, each column run
+    independently (its own step sizes) but sharing one ``A`` mat-vec per iteration.
+
+    Stops when every column has ``‖r‖ ≤ tol ‖b‖``. Returns ``(x, iterations, relative
+    residuals per column, history of the worst relative residual)``.
+    """
+    x = torch.zeros_like(b) if x0 is None else x0.clone()
+    r = b - apply_A(x) if x0 is not None else b.clone()
+    bnorm = torch.linalg.vector_norm(b, dim=0).clamp(min=torch.finfo(b.dtype).tiny)
+    z = preconditioner(r) if preconditioner is not None else r
+    p = z.clone()
+    rz = (r * z).sum(dim=0)
+    rel = torch.linalg.vector_norm(r, dim=0) / bnorm
+    history = [float(rel.max())]
+    it = 0
+    while float(rel.max()) > tol and it < max_iter:
+        Ap = apply_A(p)
+        pAp = (p * Ap).sum(dim=0)
+        active = rel > tol
+        # Converged columns stop moving (alpha = 0) so they cannot drift or divide by zero.
+        alpha = torch.where(active & (pAp > 0), rz / torch.where(pAp > 0, pAp, 1.0), 0.0)
+        x += alpha * p
+        r -= alpha * Ap
+        z = preconditioner(r) if preconditioner is not None else r
+        rz_new = (r * z).sum(dim=0)
+        beta = torch.where(active & (rz != 0), rz_new / torch.where(rz != 0, rz, 1.0), 0.0)
+        p = z + beta * p
+        rz = rz_new
+        rel = torch.linalg.vector_norm(r, dim=0) / bnorm
+        it += 1
+        history.append(float(rel.max()))
+        if callback is not None:
+            callback(it, float(rel.max()))
+    return x, it, rel, history
+
+
+def resolve_ridge(diag_reg: float, diag: torch.Tensor | None, absolute: bool) -> float:
+    """The absolute ridge: ``diag_reg`` times the mean of ``diag(K)`` unless ``absolute``."""
+    diag_reg = check_nonnegative(diag_reg, "diag_reg")
+    if absolute or diag_reg == 0:
+        return diag_reg
+    return diag_reg * float(diag.mean())
+
+
+def solve(net_or_operator: Layer | LinearKernelOperator | Any, X: Any, y: Any, *,
+          method: str = "cholesky", preconditioner: str | None = None, diag_reg: float = 0.0,
+          diag_reg_absolute_scale: bool = False, tol: float = 1e-6, max_iter: int = 1000,
+          get: str = "ntk", n_landmarks: int = 1000, tile: int = DEFAULT_TILE,
+          seed: int | None = 0, dtype: Any = None, progress: bool = False,
+          callback=None) -> SolveResult:
+    """Solve the kernel regression system ``(K + λ I) α = y`` with ``K = k(X, X)``.
+
+    Predictions are then ``k(X_test, X) α``.
+
+    Args:
+        net_or_operator: an ntkit network (the kernel is ``net.kernel(X, X)[get]``), an
+            operator such as :class:`KernelOperator`/:class:`DenseOperator`, or a dense
+            ``(N, N)`` kernel matrix. With an operator or matrix ``X`` is ignored (pass None).
+        X: ``(N, d)`` training inputs (with a network).
+        y: ``(N,)`` or ``(N, k)`` targets.
+        method: ``"cholesky"`` (forms ``K`` in memory; raises ``MemoryError`` early if it
+            cannot fit) or ``"cg"`` (matrix-free conjugate gradients over tiled mat-vecs).
+        preconditioner: ``None`` or ``"nystrom"`` (CG only; needs ``λ > 0``).
+        diag_reg: the ridge. By default relative: ``λ = diag_reg · mean(diag K)``
+            (neural-tangents' convention); with ``diag_reg_absolute_scale=True``, ``λ =
+            diag_reg``.
+        tol: CG stops when ``‖y − (K + λI)α‖ ≤ tol ‖y‖`` for every column.
+        max_iter: most CG iterations.
+        get: ``"ntk"`` or ``"nngp"``.
+        n_landmarks: Nyström landmarks ``m``.
+        tile: kernel tile side.
+        seed: seed of the Nyström landmark sample.
+        dtype: ``torch.float64`` (default) or ``torch.float32``.
+        progress: show progress bars.
+        callback: CG only; called as ``callback(iteration, relative_residual)`` after each
+            iteration (for logging long solves).
+    Returns:
+        :class:`SolveResult`; ``coef`` is ``α`` with ``y``'s shape, on the kernel's device.
+    """
+    method = check_choice(method, "method", ("cholesky", "cg"))
+    check_choice(preconditioner, "preconditioner", (None, "nystrom"))
+    if preconditioner is not None and method != "cg":
+        raise ValueError("preconditioner='nystrom' applies to method='cg'; with "
+                         "method='cholesky' pass preconditioner=None.")
+    tol = check_nonnegative(tol, "tol")
+    max_iter = check_positive_int(max_iter, "max_iter", minimum=0)
+
+    if isinstance(net_or_operator, Layer):
+        if X is None:
+            raise ValueError("X is None; a network needs the (N, d) training inputs X.")
+        op = KernelOperator(net_or_operator, X, get=get, tile=tile, dtype=dtype,
+                            progress=progress)
+    elif isinstance(net_or_operator, (np.ndarray, torch.Tensor)):
+        op = DenseOperator(net_or_operator, dtype=dtype)
+    elif all(hasattr(net_or_operator, a) for a in ("matmul", "diagonal", "shape")):
+        op = net_or_operator
+    else:
+        raise ValueError("net_or_operator must be an ntkit network, a kernel operator (with "
+                         "matmul/diagonal/shape) or a dense (N, N) kernel matrix; got "
+                         f"{type(net_or_operator).__name__}.")
+    n = op.shape[0]
+    yt = as_tensor(y, "y", dtype=op.dtype, device=op.device)
+    if yt.ndim not in (1, 2) or yt.shape[0] != n:
+        raise ValueError(f"y must have shape ({n},) or ({n}, k) to match the {n} training "
+                         f"points; got shape {tuple(yt.shape)}.")
+    check_finite(yt.reshape(n, -1), "y")
+    vec = yt.ndim == 1
+    Y = yt.reshape(n, -1)
+    diag = op.diagonal()
+    ridge = resolve_ridge(diag_reg, diag, diag_reg_absolute_scale)
+
+    if method == "cholesky":
+        if isinstance(op, DenseOperator):
+            K = op.K.clone()
+        elif isinstance(op, KernelOperator):
+            from .tiled import kernel_matrix
+
+            K = kernel_matrix(op.net, op.X, get=op.get, tile=op.tile, progress=progress)
+        else:
+            check_dense_fits(n, n, op.dtype, op.device)
+            K = op.matmul(torch.eye(n, dtype=op.dtype, device=op.device))
+        K.diagonal().add_(ridge)
+        L, info = torch.linalg.cholesky_ex(K)
+        if int(info) != 0:
+            raise ValueError("The kernel matrix plus ridge is not positive definite (repeated "
+                             "or nearly collinear inputs); increase diag_reg, e.g. diag_reg=1e-6.")
+        coef = torch.cholesky_solve(Y, L)
+        return SolveResult(coef=coef[:, 0] if vec else coef, method="cholesky", ridge=ridge)
+
+    precond = None
+    if preconditioner == "nystrom":
+        precond = NystromPreconditioner(op, ridge, n_landmarks, seed=seed)
+
+    def apply_A(v):
+        return op.matmul(v) + ridge * v
+
+    coef, iters, rel, history = conjugate_gradient(apply_A, Y, preconditioner=precond, tol=tol,
+                                                   max_iter=max_iter, callback=callback)
+    return SolveResult(coef=coef[:, 0] if vec else coef, method="cg", ridge=ridge,
+                       iterations=iters, residual=float(rel.max()),
+                       converged=bool((rel <= tol).all()), history=history)

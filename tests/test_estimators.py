@@ -1,0 +1,227 @@
+"""ntkit.estimators: scikit-learn conventions and the closed forms behind them.
+
+Reference values are computed independently with numpy/scipy from ``net.kernel``: a dense
+``scipy.linalg.solve``, ``scipy.linalg.expm`` for finite time, the ensemble variance as a
+quadratic form in the joint Gaussian of the initial outputs, and a fixed-step RK4 integration
+of the cross-entropy flow over train and test points together.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.linalg
+from sklearn.exceptions import NotFittedError
+from sklearn.model_selection import GridSearchCV
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+import ntkit as nk
+from ntkit.estimators import NNGPRegressor, NTKClassifier, NTKRegressor
+from ntkit.estimators.kernel_machines import _project_to_simplex
+
+NET = nk.mlp(3, 512)  # what the estimators build by default
+
+
+@parametrize_with_checks([NTKRegressor(), NNGPRegressor(), NTKRegressor(t=50.0, diag_reg=1e-3),
+                          NTKClassifier(), NTKClassifier(kernel="nngp", diag_reg=1e-4),
+                          NTKClassifier(loss="cross_entropy", t=20.0)])
+def test_sklearn_compatible(estimator, check):
+    check(estimator)
+
+
+def _regression(n=60, n_test=25, d=4, k=None, seed=0):
+    gen = np.random.default_rng(seed)
+    X, Xt = gen.standard_normal((n, d)), gen.standard_normal((n_test, d))
+    w = gen.standard_normal((d, k or 1))
+    y = np.sin(X @ w) + 0.05 * gen.standard_normal((n, k or 1))
+    return X, (y[:, 0] if k is None else y), Xt
+
+
+def _kernels(X, Xt, kind):
+    return (NET.kernel(X, get=kind)[kind].numpy(), NET.kernel(Xt, X, get=kind)[kind].numpy(),
+            NET.kernel(Xt, get=kind)[kind].numpy())
+
+
+@pytest.mark.parametrize("Est,kind", [(NTKRegressor, "ntk"), (NNGPRegressor, "nngp")])
+def test_converged_prediction_matches_a_dense_solve(Est, kind):
+    X, y, Xt = _regression()
+    K, Kt, _ = _kernels(X, Xt, kind)
+    lam = 1e-3 * np.trace(K) / len(K)
+    expected = Kt @ scipy.linalg.solve(K + lam * np.eye(len(K)), y, assume_a="pos")
+    model = Est(diag_reg=1e-3).fit(X, y)
+    assert model.ridge_ == pytest.approx(lam, rel=1e-13)
+    np.testing.assert_allclose(model.predict(Xt), expected, rtol=1e-9, atol=1e-10)
+    # absolute ridge
+    model = Est(diag_reg=0.01, diag_reg_absolute_scale=True).fit(X, y)
+    expected = Kt @ scipy.linalg.solve(K + 0.01 * np.eye(len(K)), y, assume_a="pos")
+    np.testing.assert_allclose(model.predict(Xt), expected, rtol=1e-9, atol=1e-10)
+
+
+def test_finite_time_matches_the_matrix_exponential():
+    X, y, Xt = _regression()
+    K, Kt, _ = _kernels(X, Xt, "ntk")
+    n = len(K)
+    for t in (0.0, 3.0, 200.0):
+        # JGH flow: df/dt = -(1/N) K (f - y), f(0) = 0.
+        expected = Kt @ np.linalg.solve(K, (np.eye(n) - scipy.linalg.expm(-K * t / n)) @ y)
+        got = NTKRegressor(t=t).fit(X, y).predict(Xt)
+        np.testing.assert_allclose(got, expected, rtol=1e-8, atol=1e-10)
+    long = NTKRegressor(t=1e9).fit(X, y).predict(Xt)
+    np.testing.assert_allclose(long, NTKRegressor().fit(X, y).predict(Xt), rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("t", [0.0, 5.0, np.inf])
+def test_ntk_ensemble_std_is_the_variance_of_the_linearised_flow(t):
+    # f_t(x) = f_0(x) - Θ_xX T (f_0(X) - y), T = Θ⁻¹(I - e^{-Θt/N}), with (f_0(x), f_0(X)) a
+    # centred Gaussian with the joint NNGP covariance; its variance is a quadratic form.
+    X, y, Xt = _regression(n=40, n_test=15)
+    n = len(X)
+    theta, theta_t, _ = _kernels(X, Xt, "ntk")
+    joint = NET.kernel(np.vstack([Xt, X]), get="nngp").nngp.numpy()
+    if np.isinf(t):
+        T = np.linalg.inv(theta)
+    else:
+        T = np.linalg.solve(theta, np.eye(n) - scipy.linalg.expm(-theta * t / n))
+    M = np.hstack([np.eye(len(Xt)), -theta_t @ T])        # f_t(x) - mean = M (f_0(x), f_0(X))
+    expected = np.sqrt(np.clip(np.einsum("ij,jk,ik->i", M, joint, M), 0, None))
+    mean, std = NTKRegressor(t=t).fit(X, y).predict(Xt, return_std=True)
+    np.testing.assert_allclose(std, expected, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(mean, theta_t @ T @ y, rtol=1e-8, atol=1e-10)
+
+
+def test_nngp_std_is_the_gp_posterior_and_vanishes_on_training_points():
+    X, y, Xt = _regression(n=40, n_test=15)
+    K, Kt, Ktt = _kernels(X, Xt, "nngp")
+    lam = 1e-4 * np.trace(K) / len(K)
+    A = K + lam * np.eye(len(K))
+    expected = np.sqrt(np.diag(Ktt - Kt @ np.linalg.solve(A, Kt.T)))
+    model = NNGPRegressor(diag_reg=1e-4).fit(X, y)
+    np.testing.assert_allclose(model.predict(Xt, return_std=True)[1], expected, rtol=1e-6)
+    noiseless = NNGPRegressor().fit(X, y)
+    assert noiseless.predict(X, return_std=True)[1].max() < 1e-5 * np.sqrt(np.diag(K)).max()
+
+
+def test_multi_target_regression_is_columnwise():
+    X, Y, Xt = _regression(k=3)
+    model = NTKRegressor(t=10.0).fit(X, Y)
+    mean, std = model.predict(Xt, return_std=True)
+    assert mean.shape == (25, 3) and std.shape == (25, 3)
+    for j in range(3):
+        single = NTKRegressor(t=10.0).fit(X, Y[:, j])
+        np.testing.assert_allclose(mean[:, j], single.predict(Xt), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(std[:, j], single.predict(Xt, return_std=True)[1])
+
+
+def test_pipeline_and_grid_search():
+    X, y, Xt = _regression(n=80)
+    search = GridSearchCV(make_pipeline(StandardScaler(), NTKRegressor()),
+                          {"ntkregressor__diag_reg": [1e-4, 1e-1],
+                           "ntkregressor__depth": [2, 3]}, cv=3)
+    search.fit(X, y)
+    best = search.best_estimator_
+    manual = make_pipeline(StandardScaler(), NTKRegressor(**{
+        k.split("__")[1]: v for k, v in search.best_params_.items()})).fit(X, y)
+    np.testing.assert_allclose(best.predict(Xt), manual.predict(Xt))
+    # a user's network as a parameter
+    custom = nk.serial(nk.Dense(64), nk.Erf(), nk.Dense(1))
+    model = NTKRegressor(net=custom).fit(X, y)
+    np.testing.assert_allclose(model.predict(Xt), custom.kernel(Xt, X, get="ntk").ntk.numpy() @
+                               np.linalg.solve(custom.kernel(X, get="ntk").ntk.numpy(), y),
+                               rtol=1e-8, atol=1e-10)
+
+
+def _classification(n=90, n_test=30, seed=0):
+    gen = np.random.default_rng(seed)
+    centres = np.array([[2.0, 0.0], [-1.0, 1.7], [-1.0, -1.7]])
+    labels = gen.integers(0, 3, n + n_test)
+    X = centres[labels] + gen.standard_normal((n + n_test, 2))
+    names = np.array(["a", "b", "c"])[labels]
+    return X[:n], names[:n], X[n:], names[n:]
+
+
+def test_mse_classifier_is_one_hot_regression_and_argmax():
+    X, y, Xt, yt = _classification()
+    clf = NTKClassifier(diag_reg=1e-2).fit(X, y)
+    one_hot = (y[:, None] == np.array(["a", "b", "c"])[None, :]).astype(float)
+    outputs = NTKRegressor(diag_reg=1e-2).fit(X, one_hot).predict(Xt)
+    np.testing.assert_allclose(clf.decision_function(Xt), outputs, rtol=1e-10, atol=1e-12)
+    assert np.array_equal(clf.predict(Xt), np.array(["a", "b", "c"])[outputs.argmax(1)])
+    assert clf.score(Xt, yt) > 0.8
+    proba = clf.predict_proba(Xt)
+    assert np.all(proba >= 0) and np.allclose(proba.sum(1), 1)
+    assert np.array_equal(clf.classes_[proba.argmax(1)], clf.predict(Xt))
+
+
+def test_simplex_projection_is_the_closest_probability_vector():
+    from scipy.optimize import minimize
+
+    F = np.random.default_rng(3).normal(0.3, 0.8, size=(6, 4))
+    P = _project_to_simplex(F)
+    for f, p in zip(F, P):
+        res = minimize(lambda q: np.sum((q - f) ** 2), np.full(4, 0.25), method="SLSQP",
+                       bounds=[(0, 1)] * 4, constraints={"type": "eq",
+                                                         "fun": lambda q: q.sum() - 1},
+                       options={"ftol": 1e-14})
+        np.testing.assert_allclose(p, res.x, atol=1e-6)
+
+
+def test_cross_entropy_flow_matches_an_independent_integration():
+    X, y, Xt, _ = _classification(n=40, n_test=10)
+    t = 30.0
+    clf = NTKClassifier(loss="cross_entropy", t=t).fit(X, y)
+    # RK4 on train and test logits together: d f / dt = -(1/N) Θ[:, train] (softmax(f_X) - Y)
+    Z = np.vstack([X, Xt])
+    theta = NET.kernel(Z, X, get="ntk").ntk.numpy()
+    Y = (y[:, None] == clf.classes_[None, :]).astype(float)
+    n = len(X)
+
+    def rhs(F):
+        E = np.exp(F[:n] - F[:n].max(1, keepdims=True))
+        return -theta @ (E / E.sum(1, keepdims=True) - Y) / n
+
+    F = np.zeros((len(Z), 3))
+    steps = 3000
+    h = t / steps
+    for _ in range(steps):
+        k1 = rhs(F)
+        k2 = rhs(F + h / 2 * k1)
+        k3 = rhs(F + h / 2 * k2)
+        k4 = rhs(F + h * k3)
+        F = F + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+    np.testing.assert_allclose(clf.decision_function(Xt), F[n:], rtol=1e-5, atol=1e-6)
+    E = np.exp(F[n:] - F[n:].max(1, keepdims=True))
+    np.testing.assert_allclose(clf.predict_proba(Xt), E / E.sum(1, keepdims=True), atol=1e-6)
+    with pytest.raises(ValueError, match="finite training time"):
+        NTKClassifier(loss="cross_entropy").fit(X, y)
+
+
+@pytest.mark.parametrize("Est", [NTKRegressor, NNGPRegressor, NTKClassifier])
+def test_bad_input_raises_sklearn_style_errors(Est):
+    X, y, Xt = _regression(n=30)
+    if Est is NTKClassifier:
+        y = (y > 0).astype(int)
+    with pytest.raises(NotFittedError):
+        Est().predict(Xt)
+    bad = X.copy()
+    bad[3, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        Est().fit(bad, y)
+    model = Est().fit(X, y)
+    with pytest.raises(ValueError, match="features"):
+        model.predict(Xt[:, :3])
+    bad_test = Xt.copy()
+    bad_test[0, 0] = np.inf
+    with pytest.raises(ValueError, match="infinity"):
+        model.predict(bad_test)
+    with pytest.raises(ValueError, match="inconsistent numbers of samples"):
+        Est().fit(X, y[:-1])
+    with pytest.raises(ValueError, match="diag_reg"):
+        Est(diag_reg=-1.0).fit(X, y)
+    with pytest.raises(ValueError, match="t must be"):
+        Est(t=-2.0).fit(X, y)
+    with pytest.raises(ValueError, match="activation|relu"):
+        Est(activation="no-such-activation").fit(X, y)
+    with pytest.raises(ValueError, match="net must be"):
+        Est(net="relu").fit(X, y)
