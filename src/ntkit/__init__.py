@@ -15,8 +15,13 @@ from .kernels import (MemoryBudgetError, MonteCarloKernels, NTKParts, empirical_
 from .layers import (ABReLU, Abs, Cos, Dense, Elementwise, Erf, FanInSum, FanOut, GELU,
                      Identity, Layer, LayerNorm, LeakyReLU, ReLU, SiLU, Sigmoid, Sin, Softplus,
                      Tanh, mlp, parallel, serial)
+from . import datasets, spectral
 from . import predict  # nk.predict.gradient_descent_mse, .ensemble, .gp_inference, ...
 from .dynamics import LinearizedModule, TrainHistory, linearize, train
+
+# Kernel machines: scikit-learn estimators, and kernels past memory (ntkit.scale).
+from . import scale
+from .estimators import NNGPRegressor, NTKClassifier, NTKRegressor
 
 __version__ = "0.1.0"
 
