@@ -1,0 +1,51 @@
+"""The ``ntkit`` command line."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+
+@click.group()
+@click.version_option(package_name="ntkit")
+def main() -> None:
+    """ntkit: Neural Tangent Kernels in PyTorch."""
+
+
+@main.group()
+def reproduce() -> None:
+    """Reproduce a paper's experiments end to end."""
+
+
+@reproduce.command("jgh20")
+@click.option("--experiment", type=click.Choice(["convergence", "regression", "pca", "all"]),
+              default="all", show_default=True, help="Which figure to reproduce.")
+@click.option("--scale", type=click.Choice(["quick", "default", "paper"]), default="default",
+              show_default=True,
+              help="quick: < 2 min (tests); default: < 15 min on 2 CPU cores; paper: the "
+                   "paper's widths (10000), GPU advised.")
+@click.option("--out", "out", default="jgh20-results", show_default=True,
+              type=click.Path(file_okay=False), help="Directory for figures, JSON and report.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of every initialisation and random draw.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def jgh20(experiment: str, scale: str, out: str, seed: int, device: str, progress: bool) -> None:
+    """Jacot, Gabriel & Hongler (2018), §6: Figs. 1–3 with a report beside the paper's numbers."""
+    from .experiments import jgh20 as exp
+
+    experiments = exp.EXPERIMENTS if experiment == "all" else (experiment,)
+    try:
+        exp.check_output_dir(out)
+        if scale == "paper" and device == "cpu":
+            click.echo("Note: --scale paper trains width-10000 networks; a GPU "
+                       "(--device cuda) is advised, on CPU this takes hours.", err=True)
+        exp.run(experiments, scale=scale, out=out, seed=seed, device=device, progress=progress)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"Wrote figures, results.json and report.md to {out}/")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
