@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import functools
 import math
-import warnings
 
 import numpy as np
 import pytest
@@ -13,6 +13,7 @@ import ntkit as nk
 from ntkit import spectral
 
 
+@functools.cache  # tensors are only read, never modified in place
 def _kernel(n=300, d=5, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=g, dtype=torch.float64)
@@ -85,9 +86,9 @@ def test_centered_eigenfunctions_are_centered():
 
 
 def test_project_splits_orthogonally():
-    x, K = _kernel(60, 3)
+    _, K = _kernel(60, 3)
     eig = spectral.eigen(K, 3, method="eigh")
-    f = torch.randn(60, dtype=torch.float64)
+    f = torch.randn(60, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     along, rest = spectral.project(f, eig.vectors, 1)
     torch.testing.assert_close(along + rest, f)
     assert abs(float(rest @ eig.vectors[:, 1])) < 1e-12
@@ -116,19 +117,27 @@ def erf_dual(r):  # unit-variance inputs: (2/π) arcsin(2ρ / 3)
     return 2 / np.pi * np.arcsin(2 * r / 3)
 
 
-@pytest.mark.parametrize("name,dual,terms", [("relu", relu_dual, 100), ("erf", erf_dual, 30)])
-def test_hermite_series_matches_closed_form_dual(name, dual, terms):
-    """ReLU needs ~100 terms for 1e-8 at |ρ| = 0.9 (its a_{2k}² decay like k^(-5/2), so the
-    tail is set by 0.9^n); Erf's odd-only coefficients decay geometrically: 30 terms."""
-    rho = np.linspace(-0.9, 0.9, 181)
-    report = spectral.hermite_coefficients(name, terms)
+@pytest.mark.parametrize("name,dual,degree", [("relu", relu_dual, 68), ("erf", erf_dual, 25)])
+def test_hermite_series_matches_closed_form_dual(name, dual, degree):
+    """Direct summation of Σ_{i≤n} a_i² ρ^i reaches 1e-8 on |ρ| ≤ 0.9 at exactly these degrees
+    (measured: ReLU n = 68, i.e. 36 non-zero terms a_0, a_1, a_2, a_4, …, a_68; Erf n = 25,
+    13 non-zero odd terms). ReLU converges slowly because a_{2k}² ~ k^(-5/2), so the tail is
+    set by 0.9^n alone; still, 69 quadrature coefficients are cheap, so no acceleration is
+    needed. Two degrees fewer must fail, which pins the stated counts."""
+    rho = np.linspace(-0.9, 0.9, 1801)
+    report = spectral.hermite_coefficients(name, degree)
     assert np.abs(report.dual(rho) - dual(rho)).max() <= 1e-8
-    # and the closed form used by the kernel layers agrees too
-    act = nk.ReLU() if name == "relu" else nk.Erf()
-    r = torch.as_tensor(rho)
-    ones = torch.ones_like(r)
+    short = spectral.hermite_coefficients(name, degree - 2)
+    assert np.abs(short.dual(rho) - dual(rho)).max() > 1e-8
+    # the long series converges to the closed form to near machine precision
+    long = spectral.hermite_coefficients(name, 160)
+    assert np.abs(long.dual(rho) - dual(rho)).max() <= 1e-12
+    # and the closed form used by the kernel layers (ReLU's arc-cosine map) agrees
     if name == "relu":
-        np.testing.assert_allclose(act.dual(r, ones, ones)[0].numpy(), dual(rho), atol=1e-15)
+        r = torch.as_tensor(rho)
+        ones = torch.ones_like(r)
+        np.testing.assert_allclose(nk.ReLU().dual(r, ones, ones)[0].numpy(), dual(rho),
+                                   atol=1e-15)
 
 
 def test_hermite_parity_counts():
@@ -142,8 +151,11 @@ def test_hermite_parity_counts():
     assert softplus.nonzero_even == 16 and softplus.nonzero_odd == 1  # x/2 + an even function
     shifted = spectral.hermite_coefficients(lambda z: torch.tanh(z + 0.3), 30)
     assert shifted.nonzero_even == 16 and shifted.nonzero_odd == 15
-    assert "consistent with strict positive definiteness" in shifted.evidence
+    assert "consistent with Gneiting's criterion" in shifted.evidence
     assert "not a proof" in shifted.evidence
+    assert relu.last_nonzero("odd") == 1 and relu.last_nonzero("even") == 40
+    assert "odd coefficients vanish beyond degree 1" in relu.evidence
+    assert "no even coefficient is non-zero" in tanh.evidence
 
 
 def test_polynomial_activation_has_finitely_many_coefficients():
@@ -169,3 +181,17 @@ def test_partial_converse_quadratic_is_singular_others_positive():
     assert abs(mins["square"]) < 1e-13, mins
     for name in ("relu", "erf", "tanh"):
         assert mins[name] > 1e-12, mins
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["eigh", "lanczos", "power"])
+def test_eigen_and_eigenfunctions_follow_cuda_inputs(method):
+    x, K = _kernel(120, 3)
+    ref = spectral.eigen(K, 3, method="eigh")
+    eig = spectral.eigen(K.cuda(), 3, method=method, tol=1e-12)
+    assert eig.values.device.type == "cuda" and eig.vectors.device.type == "cuda"
+    torch.testing.assert_close(eig.values.cpu(), ref.values, rtol=1e-8, atol=0)
+    fns = spectral.eigenfunctions(nk.mlp(3, 1, "relu", b_std=0.1), x.cuda(), 3)
+    out = fns(x[:5].cuda())
+    assert out.device.type == "cuda"
+    torch.testing.assert_close(out, fns.train_values[:5], rtol=1e-9, atol=1e-10)

@@ -36,7 +36,9 @@ class Eigen:
     """Eigenpairs in descending order of ``values``.
 
     ``values``: ``(k,)``; ``vectors``: ``(N, k)`` orthonormal columns (unit Euclidean norm);
-    ``residuals``: ``‖A v − λ v‖ / λ_1`` per pair, measured on the returned pairs;
+    ``residuals``: ``‖A v − λ v‖ / λ_1`` per pair, measured on the returned pairs (``None``
+    for a full decomposition, ``k=None``, where measuring them would cost another O(N³)
+    product; LAPACK's backward stability bounds them by ~N·ε there);
     ``converged`` and ``iterations`` per pair (``None`` for direct methods).
     """
 
@@ -44,7 +46,7 @@ class Eigen:
     vectors: torch.Tensor
     method: str
     normalize: str
-    residuals: torch.Tensor
+    residuals: torch.Tensor | None
     converged: torch.Tensor | None = None
     iterations: list[int] | None = None
 
@@ -97,7 +99,7 @@ def _power(A: torch.Tensor, k: int, tol: float, max_iter: int, seed: int):
         basis = torch.stack(vectors, 1) if vectors else None
         lams = torch.stack(values) if values else None
 
-        def apply(x):
+        def apply(x, basis=basis, lams=lams):
             y = A @ x
             if basis is not None:
                 y = y - basis @ (lams * (basis.T @ x))
@@ -152,9 +154,14 @@ def eigen(K: Any, k: int | None = None, *, normalize: str = "jgh", method: str =
               O(N² ·iterations), for large N and small k;
             * ``"lobpcg"``: block LOBPCG (scipy) on the top k;
             * ``"power"``: JGH's power iteration with deflation; reports per-pair
-              convergence and warns when the gap is too small for ``tol``;
+              convergence and warns when the gap is too small for ``tol``. It finds the
+              pairs of largest |λ|, which are the top ones for a PSD kernel;
             * ``"auto"``: ``eigh`` when ``k`` is None, ``N <= 2000`` or ``k > N/10``, else
-              ``lanczos``.
+              ``lanczos`` (N = 10,000, k = 3: ~11 s vs ~370 s for eigh on 2 CPU cores; see
+              ``benchmarks/results/spectral.md``).
+
+            ``lanczos`` and ``lobpcg`` run in scipy on the host (CUDA inputs are copied
+            over and the result copied back); ``eigh`` and ``power`` stay on K's device.
         tol: relative tolerance of the iterative methods (residual ``‖Av − λv‖/λ_1``).
         max_iter: iteration cap of the iterative methods.
         seed: seed of the power iteration's start vectors.
@@ -203,7 +210,7 @@ def eigen(K: Any, k: int | None = None, *, normalize: str = "jgh", method: str =
         order = np.argsort(vals_np)[::-1]
         vals = torch.as_tensor(vals_np[order].copy(), device=A.device)
         vecs = torch.as_tensor(vecs_np[:, order].copy(), device=A.device)
-    residuals = _residuals(A, vals, vecs)
+    residuals = None if k is None else _residuals(A, vals, vecs)
     if chosen == "lobpcg" and float(residuals.max()) > max(tol, 1e-8) * 10:
         warnings.warn(f"lobpcg: largest relative residual {float(residuals.max()):.2e} exceeds "
                       f"tol={tol:g}; raise max_iter or use method='lanczos'.",

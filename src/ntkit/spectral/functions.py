@@ -11,8 +11,9 @@ empirical input distribution). On the training inputs they reproduce the eigenve
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
