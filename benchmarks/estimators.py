@@ -42,19 +42,15 @@ def _read_idx(path: Path) -> np.ndarray:
 
 
 def load_data() -> tuple[np.ndarray, np.ndarray]:
-    """Images (10000, 784) in [0, 1] and labels (10000,): ntkit.datasets if present."""
+    """Images (10000, 784) in [0, 1] and labels (10000,), from ntkit.datasets when present."""
     try:
-        from ntkit.datasets import load_mnist  # written alongside; used when available
-    except ImportError:
-        load_mnist = None
-    if load_mnist is not None:
-        loaded = load_mnist()
-        X, y = (loaded[0], loaded[1]) if isinstance(loaded, tuple) else (loaded.images,
-                                                                          loaded.labels)
-        return np.asarray(X, dtype=np.float64).reshape(len(y), -1), np.asarray(y)
-    X = _read_idx(MNIST_DIR / "t10k-images-idx3-ubyte.gz").reshape(10000, -1) / 255.0
-    y = _read_idx(MNIST_DIR / "t10k-labels-idx1-ubyte.gz")
-    return X.astype(np.float64), y.astype(np.int64)
+        from ntkit.datasets import load_mnist
+    except ImportError:  # the IDX files directly
+        X = _read_idx(MNIST_DIR / "t10k-images-idx3-ubyte.gz").reshape(10000, -1) / 255.0
+        y = _read_idx(MNIST_DIR / "t10k-labels-idx1-ubyte.gz")
+        return X.astype(np.float64), y.astype(np.int64)
+    data = load_mnist()
+    return data.images, data.labels
 
 
 class OneHotKernelRidge:

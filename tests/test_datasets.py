@@ -71,7 +71,22 @@ def test_read_idx_roundtrip_and_truncation(tmp_path):
 
 
 def test_circle_data():
-    x, y, angles = jgh_regression_data()
+    x, y, _angles = jgh_regression_data()
     assert x.shape == (4, 2) and y.shape == (4, 1)
     np.testing.assert_allclose(x.norm(dim=1).numpy(), 1.0, rtol=1e-15)
     np.testing.assert_allclose(circle_points([0.0]).numpy(), [[1.0, 0.0]])
+
+
+def test_bundled_digits_match_the_reference_kernels_inputs():
+    """neural-tangents' depth-5 MNIST case stored its 24 input digits (pixels / 255) with
+    their test-set indices: the bundled reader must return the same rows."""
+    import json
+    from pathlib import Path
+
+    ref_dir = Path(__file__).parent / "reference" / "nt"
+    case = next(c for c in json.loads((ref_dir / "cases.json").read_text())
+                if c.get("file") == "jgh_relu_depth5_mnist.npz")
+    ref = np.load(ref_dir / "jgh_relu_depth5_mnist.npz")
+    mnist = load_mnist()
+    np.testing.assert_allclose(mnist.images[case["mnist_index"]], ref["x1"], rtol=0,
+                               atol=1e-7)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.linalg
+import torch
 from sklearn.exceptions import NotFittedError
 from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import make_pipeline
@@ -22,6 +23,16 @@ from ntkit.estimators import NNGPRegressor, NTKClassifier, NTKRegressor
 from ntkit.estimators.kernel_machines import _project_to_simplex
 
 NET = nk.mlp(3, 512)  # what the estimators build by default
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    # These problems are small: torch's thread pool costs more than it saves on them, and on
+    # shared cores it oversubscribes (measured: several times slower under load).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @parametrize_with_checks([NTKRegressor(), NNGPRegressor(), NTKRegressor(t=50.0, diag_reg=1e-3),
@@ -160,7 +171,7 @@ def test_simplex_projection_is_the_closest_probability_vector():
     F = np.random.default_rng(3).normal(0.3, 0.8, size=(6, 4))
     P = _project_to_simplex(F)
     for f, p in zip(F, P):
-        res = minimize(lambda q: np.sum((q - f) ** 2), np.full(4, 0.25), method="SLSQP",
+        res = minimize(lambda q, f=f: np.sum((q - f) ** 2), np.full(4, 0.25), method="SLSQP",
                        bounds=[(0, 1)] * 4, constraints={"type": "eq",
                                                          "fun": lambda q: q.sum() - 1},
                        options={"ftol": 1e-14})
@@ -225,3 +236,24 @@ def test_bad_input_raises_sklearn_style_errors(Est):
         Est(activation="no-such-activation").fit(X, y)
     with pytest.raises(ValueError, match="net must be"):
         Est(net="relu").fit(X, y)
+
+
+def test_finite_time_agrees_with_the_dynamics_module():
+    # The estimators and nk.predict must share conventions (JGH cost, relative diag_reg).
+    predict = pytest.importorskip("ntkit.predict")
+    X, y, Xt = _regression()
+    K, Kt, _ = _kernels(X, Xt, "ntk")
+    for t in (2.0, 50.0):
+        expected = predict.gradient_descent_mse(K, y, diag_reg=1e-3)(t, k_test_train=Kt).test
+        got = NTKRegressor(t=t, diag_reg=1e-3).fit(X, y).predict(Xt)
+        np.testing.assert_allclose(got, np.asarray(expected), rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_estimators_run_on_cuda():
+    X, y, Xt = _regression()
+    cpu = NTKRegressor(t=5.0).fit(X, y).predict(Xt, return_std=True)
+    gpu = NTKRegressor(t=5.0, device="cuda").fit(X, y).predict(Xt, return_std=True)
+    for a, b in zip(cpu, gpu):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-11)

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,11 +19,27 @@ import scipy.linalg
 import torch
 
 import ntkit as nk
-from ntkit.scale import (DenseOperator, KernelOperator, NystromPreconditioner, dask_kernel,
-                         kernel_matrix, solve)
+from ntkit.scale import (
+    DenseOperator,
+    KernelOperator,
+    NystromPreconditioner,
+    dask_kernel,
+    kernel_matrix,
+    solve,
+)
 from ntkit.scale import tiled as tiled_module
 
 NET = nk.mlp(3, 512)  # depth-3 ReLU, W_std=1, b_std=0.1
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    # These problems are small: torch's thread pool costs more than it saves on them, and on
+    # shared cores it oversubscribes (measured: several times slower under load).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _data(n, d=6, seed=0):
@@ -187,7 +202,7 @@ def test_solvers_match_a_dense_scipy_solve(method, preconditioner):
 
 def test_nystrom_preconditioner_cuts_cg_iterations():
     # Low intrinsic dimension and a small ridge: a fast-decaying spectrum, an ill-posed system.
-    X, y, K = _problem(n=500, d=3, seed=4)
+    _, y, K = _problem(n=500, d=3, seed=4)
     plain = solve(K, None, y, method="cg", diag_reg=1e-6, tol=1e-8, max_iter=5000)
     pre = solve(K, None, y, method="cg", preconditioner="nystrom", diag_reg=1e-6, tol=1e-8,
                 n_landmarks=150, max_iter=5000)
@@ -198,7 +213,7 @@ def test_nystrom_preconditioner_cuts_cg_iterations():
 
 
 def test_nystrom_condition_number_and_exact_limit():
-    X, _, K = _problem(n=300, d=2, seed=5)
+    _, _, K = _problem(n=300, d=2, seed=5)
     mu = 1e-5 * np.mean(np.diag(K))
     A = K + mu * np.eye(300)
     op = DenseOperator(K)
@@ -233,14 +248,14 @@ def test_cg_never_forms_the_dense_kernel(monkeypatch):
     import ntkit.scale.solvers as solvers_module
     monkeypatch.setattr(solvers_module, "kernel_tile", recording_tile)
     monkeypatch.setattr(tiled_module, "_kernel_in_memory", forbidden)
-    res = solve(NET, X, y, method="cg", diag_reg=1e-2, tol=1e-8, tile=128)
+    res = solve(NET, X, y, method="cg", diag_reg=1e-2, tol=1e-7, tile=128)
     assert res.converged and max(sizes) <= 128 * 128
     expected = scipy.linalg.solve(K + res.ridge * np.eye(300), y, assume_a="pos")
-    np.testing.assert_allclose(res.coef.numpy(), expected, atol=1e-6 * np.abs(expected).max())
+    np.testing.assert_allclose(res.coef.numpy(), expected, atol=1e-5 * np.abs(expected).max())
 
 
 def test_solve_rejects_bad_arguments():
-    X, y, K = _problem(n=50)
+    X, y, _ = _problem(n=50)
     with pytest.raises(ValueError, match="y must have shape"):
         solve(NET, X, y[:-1])
     with pytest.raises(ValueError, match="method"):
@@ -293,3 +308,18 @@ def test_dask_kernel_on_a_real_local_cluster():
                                    atol=1e-12 * np.abs(K_ref).sum(1).max() * np.abs(v).max())
         workers = {task["worker"] for task in stream.data}
         assert workers and workers <= set(cluster.scheduler_info["workers"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_tiles_and_solves_follow_the_input_device():
+    X, y, K = _problem(n=200)
+    Xc = torch.as_tensor(X, device="cuda")
+    Kc = kernel_matrix(NET, Xc, tile=64, progress=False)
+    assert Kc.device.type == "cuda"
+    np.testing.assert_allclose(Kc.cpu().numpy(), K, rtol=1e-12, atol=1e-12)
+    res = solve(NET, Xc, torch.as_tensor(y, device="cuda"), method="cg",
+                preconditioner="nystrom", diag_reg=1e-2, n_landmarks=50, tol=1e-10, tile=64)
+    assert res.coef.device.type == "cuda"
+    expected = scipy.linalg.solve(K + res.ridge * np.eye(200), y, assume_a="pos")
+    np.testing.assert_allclose(res.coef.cpu().numpy(), expected, atol=1e-7)

@@ -29,8 +29,10 @@ def reproduce() -> None:
               type=click.Path(file_okay=False), help="Directory for figures, JSON and report.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of every initialisation and random draw.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where networks are trained (analytic kernels are computed on the CPU).")
+@click.option("--progress/--no-progress", default=True, show_default=True,
+              help="Show tqdm progress bars on stderr.")
 def jgh20(experiment: str, scale: str, out: str, seed: int, device: str, progress: bool) -> None:
     """Jacot, Gabriel & Hongler (2018), §6: Figs. 1–3 with a report beside the paper's numbers."""
     from .experiments import jgh20 as exp

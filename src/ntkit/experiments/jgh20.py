@@ -20,9 +20,11 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -69,13 +71,14 @@ class Scale:
 SCALE_CONFIGS = {
     "quick": Scale(conv_widths=(100, 500), conv_inits=3, conv_steps=200, conv_train_points=16,
                    conv_angles=61, reg_widths=(50, 500), reg_inits=5, reg_steps=1000,
-                   reg_grid=101, reg_wide_approx=None, pca_depths=(4, 5, 6), pca_depth=5,
-                   pca_points=512, pca_widths=(100, 400), pca_steps=300, pca_every=10,
+                   reg_grid=97, reg_wide_approx=None, pca_depths=(4, 5, 6), pca_depth=5,
+                   pca_points=512, pca_widths=(100, 1000), pca_steps=150, pca_every=5,
                    train_dtype="float32",
-                   note="quick: small widths and few initialisations, for tests (< 2 min)."),
+                   note="quick: small widths, few initialisations and 150 steps in Fig. 3, "
+                        "for tests (< 2 min on 2 CPU cores)."),
     "default": Scale(conv_widths=(500, 2000), conv_inits=10, conv_steps=200,
                      conv_train_points=16, conv_angles=101, reg_widths=(50, 1000), reg_inits=10,
-                     reg_steps=1000, reg_grid=201, reg_wide_approx=None, pca_depths=(4, 5, 6),
+                     reg_steps=1000, reg_grid=193, reg_wide_approx=None, pca_depths=(4, 5, 6),
                      pca_depth=5, pca_points=512, pca_widths=(100, 1000), pca_steps=1000,
                      pca_every=20, train_dtype="float32",
                      note="default: width 2000 stands in for the paper's 10000 in Fig. 1, and "
@@ -83,7 +86,7 @@ SCALE_CONFIGS = {
                           "CPU-friendly (< 15 min on 2 cores)."),
     "paper": Scale(conv_widths=(500, 10000), conv_inits=10, conv_steps=200,
                    conv_train_points=16, conv_angles=101, reg_widths=(50, 1000), reg_inits=10,
-                   reg_steps=1000, reg_grid=201, reg_wide_approx=10000, pca_depths=(4, 5, 6),
+                   reg_steps=1000, reg_grid=193, reg_wide_approx=10000, pca_depths=(4, 5, 6),
                    pca_depth=5, pca_points=512, pca_widths=(100, 1000, 10000), pca_steps=1000,
                    pca_every=20, train_dtype="float32",
                    note="paper: the paper's sizes (width 10000); a GPU is advised "
@@ -103,14 +106,40 @@ def _seed_for(seed: int, *parts: int) -> int:
     return value
 
 
+@contextmanager
+def _one_thread_for_tiny_batches(device: torch.device) -> Iterator[None]:
+    """Figs. 1 and 2 train on 4–16 points: run them on one CPU thread.
+
+    On such tiny matrices the per-op hand-off between OpenMP threads costs more than the
+    arithmetic, and on a loaded 2-core machine it dominates (measured: 1000 steps of the
+    width-500 Fig. 2 network took 89 s on two threads, 5 s on one). One thread also makes the
+    numbers independent of the machine's thread count.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _norm_pin(values: torch.Tensor) -> torch.Tensor:
     """JGH's ‖·‖_{p_in}: root mean square over the training points (last axis)."""
     return values.pow(2).mean(dim=-1).sqrt()
 
 
 # ------------------------------------------------------------------------ experiment 1
-def convergence(cfg: Scale, seed: int, device: torch.device, progress: Callable) -> dict:
+def convergence(cfg: Scale, seed: int, device: torch.device, progress: Callable,
+                show: bool = False) -> dict:
     """Fig. 1: Θ(x0, x) on the circle at t = 0 and t = T, several widths and inits."""
+    with _one_thread_for_tiny_batches(device):
+        return _convergence(cfg, seed, device, progress)
+
+
+def _convergence(cfg: Scale, seed: int, device: torch.device, progress: Callable) -> dict:
     dtype = _dtype(cfg.train_dtype)
     angles = angle_grid(cfg.conv_angles)
     x0 = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
@@ -151,8 +180,14 @@ def convergence(cfg: Scale, seed: int, device: torch.device, progress: Callable)
 
 
 # ------------------------------------------------------------------------ experiment 2
-def regression(cfg: Scale, seed: int, device: torch.device, progress: Callable) -> dict:
+def regression(cfg: Scale, seed: int, device: torch.device, progress: Callable,
+               show: bool = False) -> dict:
     """Fig. 2: trained networks against the t → ∞ Gaussian (10th/50th/90th percentiles)."""
+    with _one_thread_for_tiny_batches(device):
+        return _regression(cfg, seed, device, progress)
+
+
+def _regression(cfg: Scale, seed: int, device: torch.device, progress: Callable) -> dict:
     dtype = _dtype("float64")
     x_train, y_train, train_angles = jgh_regression_data()
     angles = angle_grid(cfg.reg_grid)
@@ -210,7 +245,8 @@ def regression(cfg: Scale, seed: int, device: torch.device, progress: Callable) 
 
 
 # ------------------------------------------------------------------------ experiment 3
-def pca(cfg: Scale, seed: int, device: torch.device, progress: Callable) -> dict:
+def pca(cfg: Scale, seed: int, device: torch.device, progress: Callable,
+        show: bool = False) -> dict:
     """Fig. 3: eigenvalues of Π on MNIST, the batch on PCs 2/3, and training along f^(2)."""
     mnist = load_mnist()
     indices = np.arange(cfg.pca_points)  # the first N test digits
@@ -220,7 +256,10 @@ def pca(cfg: Scale, seed: int, device: torch.device, progress: Callable) -> dict
     for depth in cfg.pca_depths:
         K = mlp(depth, 1, "relu", W_STD, B_STD).kernel(x, get="ntk").ntk
         eig = spectral.eigen(K, 3, method="power", tol=1e-12)
+        # a dense solver as an independent check of the power iteration
+        dense = spectral.eigen(K, 3, method="eigh").values
         depth_eigs[str(depth)] = {"eigenvalues": eig.values.tolist(),
+                                  "eigenvalues_eigh": dense.tolist(),
                                   "iterations": eig.iterations,
                                   "converged": [bool(c) for c in eig.converged]}
         if depth == cfg.pca_depth:
@@ -229,26 +268,24 @@ def pca(cfg: Scale, seed: int, device: torch.device, progress: Callable) -> dict
     n = x.shape[0]
     f_train = chosen.vectors * math.sqrt(n)  # f^(i) on the batch, ‖f^(i)‖_{p_in} = 1
     out: dict[str, Any] = {
-        "indices": "first %d digits of the MNIST test set" % n, "labels": labels.tolist(),
+        "indices": f"the first {n} digits of the bundled MNIST test set (indices 0 to {n - 1})",
+        "labels": labels.tolist(),
         "depth": cfg.pca_depth, "eigenvalues_by_depth": depth_eigs,
         "eigenvalues": lam.tolist(), "pc2": f_train[:, 1].tolist(),
         "pc3": f_train[:, 2].tolist(), "steps": cfg.pca_steps, "widths": {},
     }
     dtype = _dtype(cfg.train_dtype)
     v2 = chosen.vectors[:, 1:2]
-    for wi, width in enumerate(cfg.pca_widths):
+    for wi, width in enumerate(progress(cfg.pca_widths, desc="Fig. 3 widths")):
         model = mlp(cfg.pca_depth, width, "relu", W_STD, B_STD).module(
             x.shape[1], seed=_seed_for(seed, 3, wi), dtype=dtype, device=device)
         xd = x.to(device=device, dtype=dtype)
         with torch.no_grad():
             f0 = model(xd).double().cpu()
         target = f0 + 0.5 * f_train[:, 1:2]
-        with progress(range(1), desc=f"Fig. 3 width {width}") as bar:
-            hist = train(model, xd, target.to(device), steps=cfg.pca_steps,
-                         learning_rate=LEARNING_RATE, probe=xd, track_every=cfg.pca_every,
-                         track_ntk=False, track_weights=False, progress=False)
-            for _ in bar:
-                pass
+        hist = train(model, xd, target.to(device), steps=cfg.pca_steps,
+                     learning_rate=LEARNING_RATE, probe=xd, track_every=cfg.pca_every,
+                     track_ntk=False, track_weights=False, progress=show)
         residual = hist.probe_outputs.double().cpu()[:, :, 0] - target[:, 0]  # (T, N)
         g_norm, h_norm = [], []
         for r in residual:
@@ -313,7 +350,7 @@ def run(experiments: tuple[str, ...] = EXPERIMENTS, scale: str = "default",
     results, timings = {}, {}
     for name in experiments:
         start = time.perf_counter()
-        results[name] = RUNNERS[name](cfg, seed, dev, bar)
+        results[name] = RUNNERS[name](cfg, seed, dev, bar, progress)
         timings[name] = time.perf_counter() - start
         filename, draw = FIGURES[name]
         draw(results[name], path / filename)

@@ -8,8 +8,14 @@
 """
 
 from .distributed import dask_kernel
-from .solvers import (DenseOperator, KernelOperator, NystromPreconditioner, SolveResult,
-                      conjugate_gradient, solve)
+from .solvers import (
+                      DenseOperator,
+                      KernelOperator,
+                      NystromPreconditioner,
+                      SolveResult,
+                      conjugate_gradient,
+                      solve,
+)
 from .tiled import kernel_matrix
 
 __all__ = ["DenseOperator", "KernelOperator", "NystromPreconditioner", "SolveResult",

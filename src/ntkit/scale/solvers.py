@@ -19,18 +19,31 @@ when the kernel spectrum beyond ``m`` is small against ``μ``, instead of thousa
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from .._validation import (as_tensor, check_choice, check_finite, check_nonnegative,
-                           check_positive_int, resolve_dtype)
+from .._validation import (
+    as_tensor,
+    check_choice,
+    check_finite,
+    check_nonnegative,
+    check_positive_int,
+    resolve_dtype,
+)
 from ..layers.base import Layer
-from .tiled import (DEFAULT_TILE, KERNEL_CHOICES, check_dense_fits, iter_tiles, kernel_tile,
-                    prepare_inputs, tile_slices, _progress_bar)
+from .tiled import (
+    DEFAULT_TILE,
+    KERNEL_CHOICES,
+    _progress_bar,
+    check_dense_fits,
+    iter_tiles,
+    kernel_tile,
+    prepare_inputs,
+    tile_slices,
+)
 
 
 class LinearKernelOperator(Protocol):

@@ -16,14 +16,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
-from .._validation import (as_inputs, available_memory, check_choice, check_positive_int,
-                           format_bytes, resolve_dtype)
+from .._validation import (
+    as_inputs,
+    available_memory,
+    check_choice,
+    check_positive_int,
+    format_bytes,
+    resolve_dtype,
+)
 from ..layers.base import Layer
 
 KERNEL_CHOICES = ("ntk", "nngp")
