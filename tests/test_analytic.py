@@ -292,3 +292,55 @@ def test_duplicate_rows_get_exact_self_kernel_everywhere():
     cross = net.kernel(x[:10], x[20:])
     assert sym.ntk[3, 25] == sym.ntk[3, 3] == sym.ntk[25, 25]
     assert cross.ntk[3, 5] == sym.ntk[3, 3]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_shared_row_ids_match_exact_row_equality(dtype):
+    """Duplicate detection (which makes rho exactly 1 for x = x') agrees with brute force,
+    including fingerprint collisions (permuted rows), signed zeros and x1/x2 sharing."""
+    from ntkit.kernels.analytic import _shared_row_ids
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(6, 5, generator=g, dtype=dtype)
+    base[0, 0] = 0.0
+    permuted = base[1].flip(0)[None]                  # same fingerprint as base[1], not equal
+    signed_zero = base[0].clone()[None]
+    signed_zero[0, 0] = -0.0                          # equal in value to base[0]
+    x1 = torch.cat([base, base[2:3], permuted, signed_zero])
+    x2 = torch.cat([base[4:], torch.randn(3, 5, generator=g, dtype=dtype), permuted])
+
+    fortran = x1.T.contiguous().T                     # column-major storage, same rows
+    for a, b in [(x1, None), (x1, x2), (base, None), (x2[:2], base[:2]), (fortran, x2)]:
+        ids1, ids2 = _shared_row_ids(a, b)
+        other = a if b is None else b
+        truth = (a[:, None, :] == other[None, :, :]).all(dim=2)
+        if b is None:
+            truth &= ~torch.eye(a.shape[0], dtype=torch.bool)
+        if not bool(truth.any()):
+            assert ids1 is None and ids2 is None
+            continue
+        same = ids1[:, None] == ids2[None, :]
+        if b is None:
+            same &= ~torch.eye(a.shape[0], dtype=torch.bool)
+        assert torch.equal(same, truth)
+
+
+@pytest.mark.parametrize("activation", [nk.ReLU(), nk.LeakyReLU(0.2), nk.ABReLU(-0.5, 2.0),
+                                        nk.Abs(), nk.Erf(), nk.GELU(), nk.Sin(), nk.Tanh()])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_variance_is_the_dual_at_equal_arguments_bit_for_bit(activation, dtype):
+    """Row variances and tile diagonals take different code paths. For the ReLU family they
+    must agree exactly, or the next layer's correlation at x = x' is 1 - eps and arccos
+    amplifies it to ~1e-8."""
+    var = torch.rand(300, dtype=dtype) * 5 + torch.rand(300, dtype=dtype) * 1e-3
+    assert torch.equal(activation.variance(var), activation.dual(var, var, var, False)[0])
+    tile = torch.diag(var)
+    full = activation.dual(tile, var[:, None], var[None, :], False)[0]
+    if not isinstance(activation, nk.ABReLU):
+        # Only the arc-cosine family is singular at rho = 1 (arccos); the others are smooth
+        # there, and their transcendental functions may round differently between a tile
+        # and a vector (vectorized vs scalar loops, quadrature summation order).
+        eps = torch.finfo(dtype).eps
+        assert torch.allclose(full.diagonal(), activation.variance(var), rtol=8 * eps, atol=0)
+    else:
+        assert torch.equal(full.diagonal(), activation.variance(var))

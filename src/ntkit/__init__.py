@@ -26,7 +26,15 @@ from .estimators import NNGPRegressor, NTKClassifier, NTKRegressor
 __version__ = "0.1.0"
 
 __all__ = [
+    # layers and architectures
     "ABReLU", "Abs", "Cos", "Dense", "Elementwise", "Erf", "FanInSum", "FanOut", "GELU",
-    "Identity", "Kernels", "Layer", "LayerNorm", "LeakyReLU", "ReLU", "SiLU", "Sigmoid", "Sin",
+    "Identity", "Layer", "LayerNorm", "LeakyReLU", "ReLU", "SiLU", "Sigmoid", "Sin",
     "Softplus", "Tanh", "mlp", "parallel", "serial",
+    # kernels
+    "Kernels", "MemoryBudgetError", "MonteCarloKernels", "NTKParts", "empirical_nngp",
+    "empirical_ntk", "monte_carlo_kernel",
+    # dynamics
+    "LinearizedModule", "TrainHistory", "linearize", "predict", "train",
+    # kernel machines and the rest
+    "NNGPRegressor", "NTKClassifier", "NTKRegressor", "datasets", "scale", "spectral",
 ]

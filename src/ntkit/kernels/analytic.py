@@ -83,20 +83,45 @@ def _final(state: Any) -> PairKernel:
     return state
 
 
+def _row_fingerprints(t: torch.Tensor) -> torch.Tensor:
+    """An integer per row, equal for equal rows: the sum of the rows' bit patterns.
+
+    Integer sums (wrapping in int32) are exact and order-free, so equal rows get equal
+    fingerprints whatever the reduction order; ``+ 0.0`` maps -0.0 to 0.0 first. One pass
+    over the inputs, where ``torch.unique(dim=0)`` sorts whole rows.
+    """
+    bits = (t + 0.0).contiguous().reshape(t.shape[0], -1)
+    if t.element_size() == 2:
+        return bits.view(torch.int16).sum(dim=1, dtype=torch.int32)
+    return bits.view(torch.int32).sum(dim=1, dtype=torch.int32)
+
+
 def _shared_row_ids(t1: torch.Tensor, t2: torch.Tensor | None):
     """Ids that are equal exactly where a row of ``t1`` equals a row of ``t2`` (or, with
     ``t2=None``, another row of ``t1``); ``(None, None)`` if no row is shared.
 
     For x = x' the correlation must be exactly 1: the gemm value of x·x' differs from |x|² in
-    the last bit, which arccos turns into a 1e-8 error of the ReLU-family kernels.
+    the last bit, which arccos turns into a 1e-8 error of the ReLU-family kernels. Rows are
+    first grouped by a cheap fingerprint; only rows whose fingerprint recurs are compared
+    exactly.
     """
+    rows = t1 if t2 is None else torch.cat([t1, t2])
+    n1 = t1.shape[0]
+    _, group, counts = torch.unique(_row_fingerprints(rows), return_inverse=True,
+                                    return_counts=True)
+    candidates = (counts[group] > 1).nonzero().flatten()
+    if candidates.numel() == 0:
+        return None, None
+    _, exact = torch.unique(rows[candidates], dim=0, return_inverse=True)
+    # Unique ids: rows outside every candidate group keep their own index; candidates share
+    # the id (offset past every index) of their exact-equality class.
+    ids = torch.arange(rows.shape[0], device=rows.device)
+    ids[candidates] = rows.shape[0] + exact
     if t2 is None:
-        _, ids = torch.unique(t1, dim=0, return_inverse=True)
-        if int(ids.max()) + 1 == t1.shape[0]:
-            return None, None
+        if candidates.numel() == int(exact.max()) + 1:
+            return None, None  # fingerprints collided, but no two rows are equal
         return ids, ids
-    _, inverse = torch.unique(torch.cat([t1, t2]), dim=0, return_inverse=True)
-    ids1, ids2 = inverse[: t1.shape[0]], inverse[t1.shape[0]:]
+    ids1, ids2 = ids[:n1], ids[n1:]
     if not bool(torch.isin(ids1, ids2).any()):
         return None, None
     return ids1, ids2
@@ -151,8 +176,8 @@ def analytic_kernel(net: Layer, x1: Any, x2: Any | None = None,
                 raise ValueError(f"out[{name!r}] has shape {tuple(buf.shape)}; need {(n1, n2)}.")
             results[name] = buf
 
-    sq1 = (t1 * t1).sum(dim=1) / n0
-    sq2 = sq1 if symmetric else (t2 * t2).sum(dim=1) / n0
+    sq1 = torch.linalg.vecdot(t1, t1) / n0
+    sq2 = sq1 if symmetric else torch.linalg.vecdot(t2, t2) / n0
     ids1, ids2 = _shared_row_ids(t1, None if symmetric else t2)
     quadrature = _uses_quadrature(net)
     size = _tile_size(memory_budget, len(names), itemsize, quadrature)

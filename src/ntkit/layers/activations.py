@@ -69,9 +69,17 @@ class Activation(Layer):
         ntk = None if k.ntk is None else k.ntk * dot
         if k.diagonal:
             return k.replace(cov=nngp, var1=nngp, var2=nngp, ntk=ntk)
-        var1 = self.dual(k.var1, k.var1, k.var1, need_dot=False)[0]
-        var2 = self.dual(k.var2, k.var2, k.var2, need_dot=False)[0]
-        return k.replace(cov=nngp, var1=var1, var2=var2, ntk=ntk)
+        return k.replace(cov=nngp, var1=self.variance(k.var1), var2=self.variance(k.var2),
+                         ntk=ntk)
+
+    def variance(self, var: torch.Tensor) -> torch.Tensor:
+        """``E[φ(u)²]`` for ``u ~ N(0, var)``: the NNGP dual at ``cov = var1 = var2``.
+
+        An override must equal ``dual(var, var, var)[0]`` bit for bit: the diagonal of a
+        symmetric tile goes through ``dual`` and the row variances through this, and the
+        next layer's correlation must come out exactly 1 there.
+        """
+        return self.dual(var, var, var, need_dot=False)[0]
 
     def build(self, in_dim, generator, dtype, device):
         return ActivationModule(self)
@@ -121,15 +129,18 @@ class ABReLU(Activation):
         a, b = self.a, self.b
         rho, norm = _correlation(cov, var1, var2)
         factor = (a - b) ** 2 / _TWO_PI
-        theta = torch.arccos(rho)
         # In place where possible: this is the hot loop of every ReLU-network kernel.
-        sine = torch.sin(theta).mul_(norm) if factor else None  # sqrt(var1 var2 − cov²)
+        theta = rho.arccos_()
+        sine = torch.sin(theta) if factor else None  # sin θ · norm = sqrt(var1 var2 − cov²)
         dot = theta.mul_(-factor).add_((a * a + b * b) / 2)
+        nngp = dot * cov
         if factor:
-            nngp = torch.addcmul(sine, dot, cov, value=1 / factor).mul_(factor)
-        else:
-            nngp = dot * cov
+            # At ρ = 1 the sine term is exactly 0, so the diagonal is dot·cov = variance(var).
+            nngp.addcmul_(sine, norm, value=factor)
         return nngp, (dot if need_dot else None)
+
+    def variance(self, var):
+        return var * ((self.a * self.a + self.b * self.b) / 2)
 
     def __repr__(self):
         return f"ABReLU(a={self.a}, b={self.b})"
@@ -193,13 +204,14 @@ class Erf(Activation):
 
     def dual(self, cov, var1, var2, need_dot=True):
         # arcsin argument 2cov/sqrt((1+2var1)(1+2var2)); the square roots cost O(N) per tile
-        scale = ((1 + 2 * var1) * (1 + 2 * var2)).rsqrt_()
-        arg = (2 * cov).mul_(scale).clamp_(-1, 1)
+        spread = (1 + 2 * var1) * (1 + 2 * var2)
+        arg = (2 * cov).mul_(spread.rsqrt()).clamp_(-1, 1)
         nngp = torch.arcsin(arg).mul_(2 / math.pi)
         dot = None
         if need_dot:
-            # (1+2var1)(1+2var2) − 4cov² = (1 − arg²)/scale², and it is >= 1 (so the clamp)
-            det = torch.addcmul(torch.ones_like(arg), arg, arg, value=-1.0).div_(scale * scale)
+            # (1+2var1)(1+2var2) − 4cov² = (1 − arg²)·spread, and it is >= 1 (so the clamp)
+            one = torch.ones((), dtype=arg.dtype, device=arg.device)
+            det = torch.addcmul(one, arg, arg, value=-1.0).mul_(spread)
             dot = det.clamp_(min=1.0).rsqrt_().mul_(4 / math.pi)
         return nngp, dot
 
