@@ -188,6 +188,57 @@ def test_max_learning_rate_is_the_divergence_threshold():
         above(math.inf, f0)
 
 
+def test_pseudo_inverse_at_infinity():
+    k, k_tx, y, f0, g0 = random_problem(rank=3)  # singular: 3 null modes
+    p = nk.predict.gradient_descent_mse(k, y, pseudo_inverse=True)
+    out = p(math.inf, f0, g0, k_tx)
+    k_pinv = np.linalg.pinv(k, rcond=1e-10, hermitian=True)
+    assert rel(out.test, g0 + k_tx @ k_pinv @ (y - f0)) < 1e-8
+    # The null-space part of the training residual never moves.
+    assert rel(out.train, y + (np.eye(6) - k @ k_pinv) @ (f0 - y)) < 1e-8
+    # ... and t = inf is the limit of the flow.
+    assert rel(p(1e9, f0, g0, k_tx).test, out.test) < 1e-6
+    # A positive-definite kernel is solved by Cholesky alone, agreeing with the eigenbasis.
+    k, k_tx, y, f0, g0 = random_problem()
+    chol = nk.predict.gradient_descent_mse(k, y, pseudo_inverse=True)
+    got = chol(math.inf, f0, g0, k_tx)
+    assert "_eigen" not in chol.__dict__  # no eigendecomposition was needed
+    ref = nk.predict.gradient_descent_mse(k, y)(math.inf, f0, g0, k_tx)
+    assert rel(got.test, ref.test) < 1e-10 and rel(got.train, ref.train) < 1e-12
+    with pytest.raises(ValueError, match=r"not positive semi-definite: smallest eigenvalue -"):
+        nk.predict.gradient_descent_mse(k - 2 * np.eye(6), y, pseudo_inverse=True)(math.inf)
+
+
+def test_dual_coefficients_and_covariance():
+    k, k_tx, y, f0, g0 = random_problem(n_out=2)
+    p = nk.predict.gradient_descent_mse(k, y, learning_rate=0.6)
+    times = [0.0, 2.0, math.inf]
+    alpha = p.dual_coefficients(times, f0)
+    assert alpha.shape == (3, 6, 2)
+    assert rel(g0 + k_tx @ alpha.numpy(), p(times, f0, g0, k_tx).test) < 1e-12
+    # The variances are the diagonal of the covariance.
+    net = nk.mlp(3, 8)
+    xt = circle(np.linspace(-3, 3, 5))
+    k_tr, k_x, k_tt = net.kernel(X_CIRCLE), net.kernel(xt, X_CIRCLE), net.kernel(xt)
+    flow = nk.predict.gradient_descent_mse(k_tr.ntk, Y_CIRCLE)
+    cov = flow.covariance([1.0, 5.0], k_x.ntk, k_tt.nngp, k_x.nngp, k_tr.nngp)
+    var = flow.covariance([1.0, 5.0], k_x.ntk, k_tt.nngp.diagonal(), k_x.nngp, k_tr.nngp)
+    assert cov.shape == (2, 5, 5) and rel(var, cov.diagonal(dim1=1, dim2=2)) < 1e-12
+    assert rel(cov, nk.predict.ensemble(net, X_CIRCLE, Y_CIRCLE)([1.0, 5.0], xt).covariance) < 1e-12
+    # The ridge as observation noise in the prior: the NNGP flow at t = inf is the GP
+    # posterior with that noise.
+    noise = 0.05
+    gp = nk.predict.gradient_descent_mse(k_tr.nngp, Y_CIRCLE, diag_reg=noise,
+                                         diag_reg_absolute_scale=True)
+    prior = k_tr.nngp + noise * torch.eye(4, dtype=torch.float64)
+    post = nk.predict.gp_inference(k_tr.nngp, Y_CIRCLE, k_x.nngp, k_tt.nngp, diag_reg=noise,
+                                   diag_reg_absolute_scale=True)
+    assert rel(gp.covariance(math.inf, k_x.nngp, k_tt.nngp, k_x.nngp, prior),
+               post.covariance) < 1e-10
+    with pytest.raises(ValueError, match="prior_train_train must have shape"):
+        flow.covariance(1.0, k_x.ntk, k_tt.nngp, k_x.nngp, k_tr.nngp[:3])
+
+
 # ----------------------------------------------------------------------- ODE gradient flow
 @pytest.mark.parametrize("cost", ["jgh", "nt"])
 def test_gradient_flow_mse_matches_closed_form(cost):
@@ -229,6 +280,26 @@ def test_gradient_flow_cross_entropy_vs_rk4():
     assert rel(out.train, z[:n]) < 1e-7 and rel(out.test, z[n:]) < 1e-7
     # Softmax gradients sum to 0 over classes, so every row sum of the outputs is conserved.
     np.testing.assert_allclose(out.test.sum(1).numpy(), g0.sum(1), atol=1e-8)
+
+
+def test_gradient_flow_dual_coefficients_jacobian_and_ridge():
+    k, k_tx, _, f0, g0 = random_problem(n_out=3)
+    n = k.shape[0]
+    y = np.eye(3)[np.arange(n) % 3]
+    explicit = nk.predict.gradient_flow("cross_entropy", k, y, learning_rate=2.0)
+    implicit = nk.predict.gradient_flow("cross_entropy", k, y, learning_rate=2.0,
+                                        method="LSODA", rtol=1e-10, atol=1e-12)  # exact jac
+    out = explicit([1.0, 4.0], f0, g0, k_tx)
+    assert rel(implicit([1.0, 4.0], f0, g0, k_tx).test, out.test) < 1e-7
+    coef = explicit.dual_coefficients([1.0, 4.0], f0)
+    assert coef.n_evaluations > 0 and coef.coef.shape == (2, n, 3)
+    assert rel(g0 + k_tx @ coef.coef.numpy(), out.test) < 1e-12
+    assert explicit.dual_coefficients(0.0).n_evaluations == 0
+    # diag_reg regularises the training flow as in gradient_descent_mse.
+    k, k_tx, y, f0, g0 = random_problem()
+    ode = nk.predict.gradient_flow("mse", k, y, diag_reg=0.1)(3.0, f0, g0, k_tx)
+    closed = nk.predict.gradient_descent_mse(k, y, diag_reg=0.1)(3.0, f0, g0, k_tx)
+    assert rel(ode.test, closed.test) < 1e-7 and rel(ode.train, closed.train) < 1e-7
 
 
 # ------------------------------------------------------------------------- GP inference

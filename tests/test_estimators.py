@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.linalg
-import torch
 from sklearn.exceptions import NotFittedError
 from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import make_pipeline
@@ -24,20 +23,14 @@ from ntkit.estimators.kernel_machines import _project_to_simplex
 
 NET = nk.mlp(3, 512)  # what the estimators build by default
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # These problems are small: torch's thread pool costs more than it saves on them, and on
-    # shared cores it oversubscribes (measured: several times slower under load).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @parametrize_with_checks([NTKRegressor(), NNGPRegressor(), NTKRegressor(t=50.0, diag_reg=1e-3),
+                          NTKRegressor(solver="cg", diag_reg=1e-3),
                           NTKClassifier(), NTKClassifier(kernel="nngp", diag_reg=1e-4),
-                          NTKClassifier(loss="cross_entropy", t=20.0)])
+                          NTKClassifier(loss="cross_entropy", t=20.0),
+                          NTKClassifier(solver="cg", diag_reg=1e-3)])
 def test_sklearn_compatible(estimator, check):
     check(estimator)
 
@@ -247,6 +240,87 @@ def test_finite_time_agrees_with_the_dynamics_module():
         expected = predict.gradient_descent_mse(K, y, diag_reg=1e-3)(t, k_test_train=Kt).test
         got = NTKRegressor(t=t, diag_reg=1e-3).fit(X, y).predict(Xt)
         np.testing.assert_allclose(got, np.asarray(expected), rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("Est", [NTKRegressor, NNGPRegressor])
+def test_cg_solver_matches_direct(Est):
+    X, Y, Xt = _regression(n=150, k=2)
+    direct = Est(diag_reg=1e-3).fit(X, Y)
+    cg = Est(diag_reg=1e-3, solver="cg").fit(X, Y)
+    assert cg.ridge_ == pytest.approx(direct.ridge_, rel=1e-12)
+    assert cg.n_iter_ >= 1 and direct.n_iter_ is None
+    expected = direct.predict(Xt)
+    np.testing.assert_allclose(cg.predict(Xt), expected, rtol=0,
+                               atol=1e-6 * np.abs(expected).max())
+    X, y, Xt, _ = _classification(n=90)
+    direct = NTKClassifier(kernel=Est._kind, diag_reg=1e-3).fit(X, y).decision_function(Xt)
+    cg = NTKClassifier(kernel=Est._kind, diag_reg=1e-3, solver="cg").fit(X, y)
+    np.testing.assert_allclose(cg.decision_function(Xt), direct, rtol=0,
+                               atol=1e-6 * np.abs(direct).max())
+
+
+def test_cg_fit_never_forms_the_train_kernel(monkeypatch):
+    # Every kernel the estimator itself asks for is test-train; the train kernel is only ever
+    # seen tile by tile inside ntkit.scale.solve.
+    from ntkit.estimators import kernel_machines
+
+    calls = []
+
+    def recording(net, X1, X2=None, **kwargs):
+        calls.append(X2 is None)
+        return nk.scale.kernel_matrix(net, X1, X2, **kwargs)
+
+    monkeypatch.setattr(kernel_machines, "kernel_matrix", recording)
+    X, y, Xt = _regression(n=50)
+    NTKRegressor(diag_reg=1e-3, solver="cg").fit(X, y).predict(Xt)
+    assert calls and not any(calls)
+
+
+@pytest.mark.parametrize("Est", [NTKRegressor, NNGPRegressor, NTKClassifier])
+def test_solver_is_validated(Est):
+    X, y, Xt = _regression(n=30)
+    if Est is NTKClassifier:
+        y = (y > 0).astype(int)
+    with pytest.raises(ValueError, match="solver must be one of 'direct', 'cg'; got 'lsqr'"):
+        Est(solver="lsqr").fit(X, y)
+    with pytest.raises(ValueError, match=r"solver='cg' gives only the converged solution "
+                                         r"\(t = inf\); got t=5.0"):
+        Est(solver="cg", t=5.0, diag_reg=1e-3).fit(X, y)
+    with pytest.raises(ValueError, match="solver='cg' needs diag_reg > 0"):
+        Est(solver="cg").fit(X, y)
+    if Est is NTKClassifier:
+        with pytest.raises(ValueError, match="cross_entropy' needs solver='direct'"):
+            Est(solver="cg", loss="cross_entropy", t=5.0, diag_reg=1e-3).fit(X, y)
+    else:
+        model = Est(solver="cg", diag_reg=1e-3).fit(X, y)
+        with pytest.raises(ValueError, match="return_std=True needs solver='direct'"):
+            model.predict(Xt, return_std=True)
+
+
+def test_prediction_in_blocks_of_test_rows(monkeypatch):
+    from ntkit.estimators import kernel_machines
+
+    X, Y, Xt = _regression(n=40, n_test=23, k=2)
+    for t in (np.inf, 4.0):
+        model = NTKRegressor(t=t, diag_reg=1e-3).fit(X, Y)
+        whole = model.predict(Xt, return_std=True)
+        monkeypatch.setattr(kernel_machines, "_PREDICT_BLOCK", 40 * 5)  # 5 rows per block
+        blocks = model.predict(Xt, return_std=True)
+        monkeypatch.undo()
+        for a, b in zip(whole, blocks):
+            np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-14)
+
+
+def test_repeated_inputs_use_the_pseudo_inverse():
+    # Without a ridge a repeated input makes the train kernel singular; the converged
+    # solution is then the minimum-norm one, which predicts as the deduplicated fit does.
+    X, y, Xt = _regression(n=40)
+    dup = NTKRegressor().fit(np.vstack([X, X[:6]]), np.concatenate([y, y[:6]]))
+    mean, std = dup.predict(Xt, return_std=True)
+    unique = NTKRegressor().fit(X, y)
+    np.testing.assert_allclose(mean, unique.predict(Xt), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(std, unique.predict(Xt, return_std=True)[1], rtol=1e-5,
+                               atol=1e-7)
 
 
 @pytest.mark.gpu

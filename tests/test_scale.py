@@ -31,15 +31,7 @@ from ntkit.scale import tiled as tiled_module
 
 NET = nk.mlp(3, 512)  # depth-3 ReLU, W_std=1, b_std=0.1
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # These problems are small: torch's thread pool costs more than it saves on them, and on
-    # shared cores it oversubscribes (measured: several times slower under load).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _data(n, d=6, seed=0):

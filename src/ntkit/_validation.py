@@ -97,16 +97,21 @@ def as_inputs(x: Tensorish, name: str, *, dtype: torch.dtype | None = None,
     return t
 
 
-def as_input_pair(x1: Tensorish, x2: Tensorish | None, *, dtype: torch.dtype | None = None
+def as_input_pair(x1: Tensorish, x2: Tensorish | None, *, dtype: torch.dtype | None = None,
+                  names: tuple[str, str] = ("x1", "x2")
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Validate ``x1`` and (optionally) ``x2``; ``x2`` follows ``x1``'s device."""
-    t1 = as_inputs(x1, "x1", dtype=dtype)
+    """Validate ``x1`` and (optionally) ``x2``; ``x2`` follows ``x1``'s device.
+
+    ``names`` are the argument names used in error messages (e.g. ``("X1", "X2")``).
+    """
+    name1, name2 = names
+    t1 = as_inputs(x1, name1, dtype=dtype)
     if x2 is None:
         return t1, None
-    t2 = as_inputs(x2, "x2", dtype=dtype, device=t1.device)
+    t2 = as_inputs(x2, name2, dtype=dtype, device=t1.device)
     if t2.shape[1] != t1.shape[1]:
-        raise ValueError(f"x1 has {t1.shape[1]} features but x2 has {t2.shape[1]}; both must "
-                         "have the same feature dimension.")
+        raise ValueError(f"{name1} has {t1.shape[1]} features but {name2} has {t2.shape[1]}; "
+                         "both must have the same feature dimension.")
     return t1, t2
 
 

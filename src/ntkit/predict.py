@@ -5,10 +5,11 @@ A namespace module: ``nk.predict.gradient_descent_mse``, ``nk.predict.ensemble``
 The implementation lives in :mod:`ntkit.dynamics.predict`.
 """
 
-from .dynamics.predict import (COSTS, EnsemblePrediction, EnsemblePredictor, FlowPredictor,
-                               GPPosterior, MSEPredictor, Prediction, ensemble, gp_inference,
-                               gradient_descent_mse, gradient_flow, max_learning_rate)
+from .dynamics.predict import (COSTS, EnsemblePrediction, EnsemblePredictor, FlowCoefficients,
+                               FlowPredictor, GPPosterior, MSEPredictor, Prediction, ensemble,
+                               gp_inference, gradient_descent_mse, gradient_flow,
+                               max_learning_rate)
 
-__all__ = ["COSTS", "EnsemblePrediction", "EnsemblePredictor", "FlowPredictor", "GPPosterior",
-           "MSEPredictor", "Prediction", "ensemble", "gp_inference", "gradient_descent_mse",
-           "gradient_flow", "max_learning_rate"]
+__all__ = ["COSTS", "EnsemblePrediction", "EnsemblePredictor", "FlowCoefficients",
+           "FlowPredictor", "GPPosterior", "MSEPredictor", "Prediction", "ensemble",
+           "gp_inference", "gradient_descent_mse", "gradient_flow", "max_learning_rate"]

@@ -19,12 +19,17 @@ it uses with ``cost=``:
 
 ``diag_reg`` follows neural-tangents: unless ``diag_reg_absolute_scale=True`` it is relative
 to the mean of the kernel's diagonal, i.e. ``K + diag_reg · (tr K / N) · I`` is used.
+
+Test outputs depend on the test inputs only through ``K_*x``: ``f_test(t) = f_test(0) +
+K_*x α(t)``. The predictors' ``dual_coefficients(t)`` return ``α(t)`` (``N × O`` numbers), so
+a fitted flow can predict any number of later test batches with one product each.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -34,9 +39,9 @@ from .._validation import Tensorish, as_inputs, as_tensor, check_choice, check_n
 
 COSTS = ("jgh", "nt")
 
-__all__ = ["COSTS", "EnsemblePrediction", "EnsemblePredictor", "FlowPredictor", "GPPosterior",
-           "MSEPredictor", "Prediction", "ensemble", "gp_inference", "gradient_descent_mse",
-           "gradient_flow", "max_learning_rate"]
+__all__ = ["COSTS", "EnsemblePrediction", "EnsemblePredictor", "FlowCoefficients",
+           "FlowPredictor", "GPPosterior", "MSEPredictor", "Prediction", "ensemble",
+           "gp_inference", "gradient_descent_mse", "gradient_flow", "max_learning_rate"]
 
 
 # ----------------------------------------------------------------------------- validation
@@ -54,7 +59,7 @@ def _as_square_kernel(k: Tensorish, name: str) -> torch.Tensor:
         t = t.to(torch.float64)
     _check_finite_kernel(t, name)
     scale = float(t.abs().max())
-    asym = float((t - t.T).abs().max())
+    asym = float((t - t.T).abs_().max())
     if asym > 1e-8 * max(scale, 1e-300):
         raise ValueError(f"{name} is not symmetric (max |K − Kᵀ| = {asym:.3e}, max |K| = "
                          f"{scale:.3e}); a train-train kernel must be symmetric.")
@@ -141,7 +146,9 @@ def _regularize(k: torch.Tensor, diag_reg: float, absolute: bool) -> torch.Tenso
     if diag_reg == 0:
         return k
     scale = 1.0 if absolute else float(torch.diagonal(k).mean())
-    return k + diag_reg * scale * torch.eye(k.shape[0], dtype=k.dtype, device=k.device)
+    out = k.clone()  # the ridge on the diagonal only, without an (N, N) identity
+    out.diagonal().add_(diag_reg * scale)
+    return out
 
 
 def _normalization(cost: str, n: int, n_out: int) -> int:
@@ -213,13 +220,24 @@ def _finish(out: torch.Tensor, scalar: bool, squeeze: bool) -> torch.Tensor:
     return out[0] if scalar else out
 
 
-def _check_result(out: torch.Tensor, evals: torch.Tensor, what: str) -> None:
+def _check_result(out: torch.Tensor, owner: Any, what: str) -> None:
+    """Raise if ``out`` is not finite; ``owner.evals`` (the spectrum, for the message) is only
+    looked at then, so a Cholesky-only predictor does not need an eigendecomposition."""
     if not bool(torch.isfinite(out).all()):
+        evals = owner.evals
         raise ValueError(f"{what} overflowed to inf/NaN: the train kernel's eigenvalues span "
                          f"[{float(evals[0]):.3e}, {float(evals[-1]):.3e}]; negative eigenvalues "
                          "(a non-PSD kernel) or a learning rate above max_learning_rate make "
                          "the dynamics diverge. Use a PSD kernel, a smaller learning_rate or "
                          "diag_reg.")
+
+
+def _require_psd(evals: torch.Tensor, name: str) -> None:
+    lam_min = float(evals[0])
+    if lam_min < -_singular_tolerance(evals):
+        raise ValueError(f"{name} is not positive semi-definite: smallest eigenvalue "
+                         f"{lam_min:.3e}, largest {float(evals[-1]):.3e}. Kernel regression at "
+                         "t = inf needs a PSD kernel; check how the kernel was computed.")
 
 
 # ------------------------------------------------------------------------ MSE closed form
@@ -233,20 +251,108 @@ class Prediction(NamedTuple):
 
 @dataclass(frozen=True)
 class MSEPredictor:
-    """Closed-form MSE dynamics on one eigendecomposition ``K = V diag(λ) Vᵀ`` (built by
-    :func:`gradient_descent_mse`). Call it with times to get :class:`Prediction`."""
+    """Closed-form MSE dynamics under one train kernel ``K`` (built by
+    :func:`gradient_descent_mse`).
 
-    k_train_train: torch.Tensor
+    Call it with times to get :class:`Prediction`; :meth:`dual_coefficients` gives the
+    weights ``α(t)`` of the training points in the test outputs (so any later test inputs
+    need only their kernel against the training inputs), and :meth:`covariance` the
+    covariance over random initialisations (the infinite ensemble).
+
+    The factorisations of ``K`` are computed on first use and cached, so every call shares
+    them: the eigendecomposition ``K = V diag(λ) Vᵀ`` (``evals``, ``evecs``) and, with
+    ``pseudo_inverse=True``, a Cholesky factor that answers ``t = inf`` alone without an
+    eigendecomposition.
+    """
+
+    k_train_train: torch.Tensor  # with the ridge added
     y_train: torch.Tensor
-    evals: torch.Tensor
-    evecs: torch.Tensor
     learning_rate: float
     cost: str
     discrete: bool
     diag_reg: float
     rate: float
     squeeze: bool
+    pseudo_inverse: bool = False
+    name: str = "k_train_train"  # how error messages call K
 
+    # ------------------------------------------------------------------ factorisations
+    @cached_property
+    def _eigen(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return _eigh(self.k_train_train)
+
+    @property
+    def evals(self) -> torch.Tensor:
+        """Eigenvalues of ``K`` (ascending), computed on first use."""
+        return self._eigen[0]
+
+    @property
+    def evecs(self) -> torch.Tensor:
+        """Eigenvectors of ``K`` (columns), computed on first use."""
+        return self._eigen[1]
+
+    @cached_property
+    def _cholesky(self) -> torch.Tensor | None:
+        """Lower Cholesky factor of ``K``, or ``None`` if ``K`` is not numerically positive
+        definite: the factorisation fails, or a pivot is below the singular tolerance
+        (``λ_min(K) <= min_i L_ii²``, so a tiny pivot means a numerically singular ``K``, whose
+        null modes the eigendecomposition must find)."""
+        k = self.k_train_train
+        L, info = torch.linalg.cholesky_ex(k)
+        if int(info) != 0:
+            return None
+        tol = float(k.diagonal().abs().max()) * k.shape[0] * torch.finfo(k.dtype).eps * 10
+        return L if float(L.diagonal().min()) ** 2 > tol else None
+
+    def _uses_cholesky(self, times: torch.Tensor) -> bool:
+        return (self.pseudo_inverse and bool(torch.isinf(times).all())
+                and self._cholesky is not None)
+
+    def _factors(self, times: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-mode ``(decay, gain)``, each ``(T, N)`` (see :func:`_mode_factors`). With
+        ``pseudo_inverse``, the numerically null modes stay frozen at ``t = inf`` (decay 1,
+        gain 0): the pseudo-inverse, which is also the flow's limit on those modes."""
+        evals = self.evals
+        decay, gain = _mode_factors(evals, times, self.rate, self.discrete)
+        if self.pseudo_inverse and bool(torch.isinf(times).any()):
+            _require_psd(evals, self.name)
+            null = ((evals <= _singular_tolerance(evals))[None, :]
+                    & torch.isinf(times).to(evals.device)[:, None])
+            decay = torch.where(null, torch.ones_like(decay), decay)
+            gain = torch.where(null, torch.zeros_like(gain), gain)
+        return decay, gain
+
+    def _check_inf(self, times: torch.Tensor) -> None:
+        if not bool(torch.isinf(times).any()):
+            return
+        if not self.pseudo_inverse:
+            _require_invertible(self.evals, self.name, self.diag_reg, "t = inf")
+        if self.discrete and self.learning_rate >= max_learning_rate(
+                self.k_train_train, cost=self.cost, output_dim=self.y_train.shape[1],
+                diag_reg=0.0):
+            raise ValueError(
+                f"learning_rate={self.learning_rate:g} is at or above max_learning_rate "
+                f"({2 / (self.rate / self.learning_rate) / float(self.evals[-1]):.6g}), so "
+                "discrete gradient descent does not converge and t = inf is undefined; "
+                "lower learning_rate or use finite step counts.")
+
+    def _apply_gain(self, times: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+        """``G(t) M``, shape ``(T, N, k)``, with ``G(t) = K⁻¹ (I − e^{−aKt})`` (flow) or
+        ``K⁻¹ (I − (I − aK)^t)`` (gradient descent), ``G(∞) = K⁻¹`` (``K⁺`` with
+        ``pseudo_inverse``)."""
+        if self._uses_cholesky(times):
+            out = torch.cholesky_solve(M, self._cholesky)
+            return out.unsqueeze(0).expand(times.shape[0], *out.shape)
+        _, gain = self._factors(times)
+        v = self.evecs
+        return v @ (gain[:, :, None] * (v.T @ M))
+
+    def _alpha(self, times: torch.Tensor, f0: torch.Tensor) -> torch.Tensor:
+        alpha = self._apply_gain(times, self.y_train - f0)
+        _check_result(alpha, self, "The dual coefficients")
+        return alpha
+
+    # ------------------------------------------------------------------ public
     def __call__(self, t: Any, fx_train_0: Tensorish | None = None,
                  fx_test_0: Tensorish | None = None,
                  k_test_train: Tensorish | None = None) -> Prediction:
@@ -263,44 +369,117 @@ class MSEPredictor:
         Returns:
             :class:`Prediction` ``(train, test)``; shapes ``(N, O)``/``(M, O)`` for a scalar
             ``t`` and ``(T, N, O)``/``(T, M, O)`` for ``T`` times (the output axis is dropped
-            if ``y_train`` was 1-D).
+            if ``y_train`` was 1-D). The test outputs are
+            ``fx_test_0 + k_test_train @ dual_coefficients(t, fx_train_0)``.
         """
         times, scalar = _as_times(t, discrete=self.discrete)
-        if torch.isinf(times).any():
-            _require_invertible(self.evals, "k_train_train", self.diag_reg, "t = inf")
-            if self.discrete and self.learning_rate >= max_learning_rate(
-                    self.k_train_train, cost=self.cost, output_dim=self.y_train.shape[1],
-                    diag_reg=0.0):
-                raise ValueError(
-                    f"learning_rate={self.learning_rate:g} is at or above max_learning_rate "
-                    f"({2 / (self.rate / self.learning_rate) / float(self.evals[-1]):.6g}), so "
-                    "discrete gradient descent does not converge and t = inf is undefined; "
-                    "lower learning_rate or use finite step counts.")
+        self._check_inf(times)
         y = self.y_train
         n, n_out = y.shape
         f0 = _as_initial(fx_train_0, "fx_train_0", (n, n_out), y)
-        decay, gain = _mode_factors(self.evals, times, self.rate, self.discrete)
-        v = self.evecs
-        resid = v.T @ (f0 - y)  # (N, O) residual in the eigenbasis
-        train = y + torch.einsum("nk,tk,ko->tno", v, decay, resid)
-        _check_result(train, self.evals, "The training-set prediction")
+        if self._uses_cholesky(times):  # K positive definite at t = inf: every mode converged
+            train = y.expand(times.shape[0], n, n_out).clone()
+        else:
+            decay, _ = self._factors(times)
+            v = self.evecs
+            train = y + v @ (decay[:, :, None] * (v.T @ (f0 - y)))
+        _check_result(train, self, "The training-set prediction")
         test = None
         if k_test_train is not None:
             k_tx = _as_cross_kernel(k_test_train, "k_test_train", n, y)
             g0 = _as_initial(fx_test_0, "fx_test_0", (k_tx.shape[0], n_out), y)
-            test = g0 - torch.einsum("mk,tk,ko->tmo", k_tx @ v, gain, resid)
-            _check_result(test, self.evals, "The test-set prediction")
+            test = g0 + k_tx @ self._alpha(times, f0)
+            _check_result(test, self, "The test-set prediction")
             test = _finish(test, scalar, self.squeeze)
         elif fx_test_0 is not None:
             raise ValueError("fx_test_0 was given without k_test_train; pass the (M, N) "
                              "test-train kernel to predict test outputs.")
         return Prediction(_finish(train, scalar, self.squeeze), test)
 
+    def dual_coefficients(self, t: Any, fx_train_0: Tensorish | None = None) -> torch.Tensor:
+        """Weights ``α(t)`` of the training points in the test outputs at time ``t``.
+
+        For any test inputs, ``f_test(t) = f_test(0) + k_test_train @ α(t)`` with
+        ``α(t) = G(t) (y − f_train(0))``, ``G(t) = K⁻¹ (I − e^{−aKt})`` (flow) or its
+        gradient-descent analogue; ``α(∞) = K⁻¹ (y − f_train(0))`` are the kernel-regression
+        weights. Computing them once makes each later prediction one ``(M, N)`` product.
+
+        Args:
+            t: time(s) or ``math.inf``, as for ``__call__``.
+            fx_train_0: ``(N, O)`` outputs on the training inputs at t = 0 (default 0).
+        Returns:
+            ``(N, O)``, or ``(T, N, O)`` for ``T`` times (``(N,)`` if ``y_train`` was 1-D).
+        """
+        times, scalar = _as_times(t, discrete=self.discrete)
+        self._check_inf(times)
+        f0 = _as_initial(fx_train_0, "fx_train_0", tuple(self.y_train.shape), self.y_train)
+        return _finish(self._alpha(times, f0), scalar, self.squeeze)
+
+    def covariance(self, t: Any, k_test_train: Tensorish, prior_test_test: Tensorish,
+                   prior_test_train: Tensorish, prior_train_train: Tensorish) -> torch.Tensor:
+        """Covariance over random initialisations of the test outputs at time ``t``.
+
+        If the initial outputs on (test, train) inputs are a centred Gaussian with
+        covariance ``[[P_**, P_*x], [P_x*, P_xx]]`` (per output) and the targets are fixed,
+        the outputs at time ``t`` are Gaussian with (Lee et al. 2019)
+
+            ``Σ(t) = P_** − Δ P_x* − P_*x Δᵀ + Δ P_xx Δᵀ``,  ``Δ(t) = K_*x G(t)``,
+
+        ``G(t)`` as in :meth:`dual_coefficients` and ``K_*x`` the trained kernel. For an
+        infinitely wide network ``P`` is the NNGP and ``K`` the NTK (or the NNGP when only
+        the readout is trained); this is what :func:`ensemble` computes. Adding observation
+        noise ``σ²`` to ``P_xx`` (and ``σ²`` as the ridge of ``K``) makes the NNGP flow at
+        ``t = inf`` the GP posterior of :func:`gp_inference` with noise ``σ²``.
+
+        Args:
+            t: time(s) or ``math.inf``, as for ``__call__``.
+            k_test_train: ``(M, N)`` trained kernel between test and training inputs.
+            prior_test_test: ``P_**``: ``(M, M)`` for the covariance, or its diagonal ``(M,)``
+                for the variances only (then nothing ``(M, M)`` is formed).
+            prior_test_train: ``(M, N)`` ``P_*x``.
+            prior_train_train: ``(N, N)`` ``P_xx``.
+        Returns:
+            ``(M, M)`` covariance or ``(M,)`` variances; a leading ``T`` axis for ``T``
+            times.
+        """
+        times, scalar = _as_times(t, discrete=self.discrete)
+        self._check_inf(times)
+        like = self.y_train
+        n = like.shape[0]
+        k_tx = _as_cross_kernel(k_test_train, "k_test_train", n, like)
+        m = k_tx.shape[0]
+        p_tx = _as_cross_kernel(prior_test_train, "prior_test_train", n, like)
+        if p_tx.shape[0] != m:
+            raise ValueError(f"prior_test_train must have shape ({m}, {n}) like k_test_train; "
+                             f"got {tuple(p_tx.shape)}.")
+        p_xx = as_tensor(prior_train_train, "prior_train_train", dtype=like.dtype,
+                         device=like.device)
+        if tuple(p_xx.shape) != (n, n):
+            raise ValueError(f"prior_train_train must have shape ({n}, {n}); got "
+                             f"{tuple(p_xx.shape)}.")
+        _check_finite_kernel(p_xx, "prior_train_train")
+        p_tt = as_tensor(prior_test_test, "prior_test_test", dtype=like.dtype,
+                         device=like.device)
+        if tuple(p_tt.shape) not in ((m,), (m, m)):
+            raise ValueError(f"prior_test_test must have shape ({m}, {m}) or ({m},); got "
+                             f"{tuple(p_tt.shape)}.")
+        _check_finite_kernel(p_tt, "prior_test_test")
+        d = self._apply_gain(times, k_tx.T)  # Δᵀ, (T, N, M)
+        if p_tt.ndim == 1:
+            out = p_tt + (d * (p_xx @ d)).sum(dim=1) - 2.0 * (d * p_tx.T).sum(dim=1)
+        else:
+            dt = d.transpose(-1, -2)
+            cross = dt @ p_tx.T  # Δ P_x*
+            out = p_tt - cross - cross.transpose(-1, -2) + dt @ p_xx @ d
+            out = 0.5 * (out + out.transpose(-1, -2))
+        _check_result(out, self, "The ensemble covariance")
+        return out[0] if scalar else out
+
 
 def gradient_descent_mse(k_train_train: Tensorish, y_train: Tensorish, *,
                          learning_rate: float = 1.0, cost: str = "jgh", diag_reg: float = 0.0,
-                         diag_reg_absolute_scale: bool = False,
-                         discrete: bool = False) -> MSEPredictor:
+                         diag_reg_absolute_scale: bool = False, discrete: bool = False,
+                         pseudo_inverse: bool = False) -> MSEPredictor:
     """Closed-form outputs of a kernel trained by gradient flow/descent on the MSE.
 
     With the residual ``r(t) = f_train(t) − y`` and ``a = η / N`` (``cost="jgh"``) or
@@ -310,11 +489,12 @@ def gradient_descent_mse(k_train_train: Tensorish, y_train: Tensorish, *,
     * ``discrete=True`` (exact gradient-descent steps, ``t`` = number of steps):
       ``r(k) = (I − a K)^k r(0)`` and the test outputs accumulate the same steps;
     * ``t = inf``: ``f_train = y`` and ``f_test = f_test(0) − K_*x K⁻¹ r(0)`` (kernel
-      regression); this needs an invertible ``K`` (or ``diag_reg > 0``).
+      regression); this needs an invertible ``K`` (or ``diag_reg > 0``, or
+      ``pseudo_inverse=True``).
 
-    One ``eigh`` of ``K`` is done here; the returned predictor evaluates any number of times
-    from it. ``K⁻¹(I − e^{−aKt})`` is evaluated per eigenvalue as ``(1 − e^{−aλt}) / λ`` with
-    its λ → 0 limit ``a t``, so singular kernels are fine at finite t.
+    ``K`` is factorised once, on first use, and the returned predictor evaluates any number of
+    times from it. ``K⁻¹(I − e^{−aKt})`` is evaluated per eigenvalue as ``(1 − e^{−aλt}) / λ``
+    with its λ → 0 limit ``a t``, so singular kernels are fine at finite t.
 
     Args:
         k_train_train: ``(N, N)`` per-output train kernel (the full kernel is ``K ⊗ I``).
@@ -325,8 +505,15 @@ def gradient_descent_mse(k_train_train: Tensorish, y_train: Tensorish, *,
         diag_reg: ridge added to ``K`` (relative to mean(diag K) unless
             ``diag_reg_absolute_scale``).
         discrete: exact gradient-descent steps instead of continuous flow.
+        pseudo_inverse: at ``t = inf``, use ``K⁺`` where ``K`` is numerically singular
+            (eigenvalues below ``10 · N · eps · λ_max`` are dropped: the minimum-norm
+            kernel-regression solution, and the flow's limit on those modes) instead of
+            raising. A positive-definite ``K`` is then solved by Cholesky at ``t = inf``,
+            without an eigendecomposition (several times faster for large ``N``); a kernel
+            with a clearly negative eigenvalue still raises.
     Returns:
-        :class:`MSEPredictor` ``p(t, fx_train_0=None, fx_test_0=None, k_test_train=None)``.
+        :class:`MSEPredictor` ``p(t, fx_train_0=None, fx_test_0=None, k_test_train=None)``,
+        with ``p.dual_coefficients(t)`` and ``p.covariance(...)``.
     """
     check_choice(cost, "cost", COSTS)
     lr = check_nonnegative(learning_rate, "learning_rate")
@@ -336,9 +523,9 @@ def gradient_descent_mse(k_train_train: Tensorish, y_train: Tensorish, *,
     k = _as_square_kernel(k_train_train, "k_train_train")
     y, squeeze = _as_targets(y_train, "y_train", k.shape[0], k)
     k = _regularize(k, reg, diag_reg_absolute_scale)
-    evals, evecs = _eigh(k)
     rate = lr / _normalization(cost, k.shape[0], y.shape[1])
-    return MSEPredictor(k, y, evals, evecs, lr, cost, bool(discrete), reg, rate, squeeze)
+    return MSEPredictor(k, y, lr, cost, bool(discrete), reg, rate, squeeze,
+                        pseudo_inverse=bool(pseudo_inverse))
 
 
 def max_learning_rate(k_train_train: Tensorish, *, cost: str = "jgh", output_dim: int = 1,
@@ -456,19 +643,44 @@ def _get_kernel(kernels: Any, which: str, shape: tuple[int, int], what: str) -> 
 
 @dataclass(frozen=True)
 class EnsemblePredictor:
-    """Mean and covariance of the infinite ensemble (built by :func:`ensemble`)."""
+    """Mean and covariance of the infinite ensemble (built by :func:`ensemble`): the MSE flow
+    ``flow`` under the trained kernel, with the NNGP ``nngp_train`` as the prior covariance
+    of the initial training outputs (see :meth:`MSEPredictor.covariance`)."""
 
     kernel_fn: KernelFn
     x_train: torch.Tensor
-    y_train: torch.Tensor
     kernel: str
-    flow_train: torch.Tensor   # Θ (or K for "nngp"), regularised
+    flow: MSEPredictor         # the flow under Θ (or K for "nngp"), regularised
     nngp_train: torch.Tensor   # K on the training inputs
-    evals: torch.Tensor
-    evecs: torch.Tensor
-    rate: float
-    diag_reg: float
-    squeeze: bool
+
+    # The flow's pieces, under the names this class had before it delegated to the flow.
+    @property
+    def y_train(self) -> torch.Tensor:
+        return self.flow.y_train
+
+    @property
+    def flow_train(self) -> torch.Tensor:
+        return self.flow.k_train_train
+
+    @property
+    def evals(self) -> torch.Tensor:
+        return self.flow.evals
+
+    @property
+    def evecs(self) -> torch.Tensor:
+        return self.flow.evecs
+
+    @property
+    def rate(self) -> float:
+        return self.flow.rate
+
+    @property
+    def diag_reg(self) -> float:
+        return self.flow.diag_reg
+
+    @property
+    def squeeze(self) -> bool:
+        return self.flow.squeeze
 
     def __call__(self, t: Any, x_test: Tensorish | None = None, *,
                  compute_cov: bool = True) -> EnsemblePrediction:
@@ -483,9 +695,7 @@ class EnsemblePredictor:
             times ``(T, M, O)`` and ``(T, M, M)``.
         """
         times, scalar = _as_times(t, discrete=False)
-        if torch.isinf(times).any():
-            _require_invertible(self.evals, f"the train-train {self.kernel.upper()}",
-                                self.diag_reg, "t = inf")
+        self.flow._check_inf(times)
         xtr = self.x_train
         n = xtr.shape[0]
         if x_test is None:
@@ -505,13 +715,11 @@ class EnsemblePredictor:
             k_flow_tx = _get_kernel(ks, self.kernel, (m, n), "k(x_test, x_train)")
             k_nngp_tx = (_get_kernel(ks, "nngp", (m, n), "k(x_test, x_train)")
                          if "nngp" in get else None)
-        k_flow_tx = k_flow_tx.to(self.evals)
-        _, gain = _mode_factors(self.evals, times, self.rate, discrete=False)
-        # Δ(t) = K_*x K⁻¹ (I − e^{−aKt}) = (K_*x V) diag(gain) Vᵀ, one (M, N) matrix per t.
-        left = k_flow_tx @ self.evecs
-        delta = torch.einsum("mk,tk,nk->tmn", left, gain, self.evecs)
-        mean = delta @ self.y_train
-        _check_result(mean, self.evals, "The ensemble mean")
+        like = self.flow.y_train
+        k_flow_tx = k_flow_tx.to(like)
+        # μ(t) = Δ(t) y = K_*x α(t), α(t) = K⁻¹ (I − e^{−aKt}) y: the flow from f = 0.
+        mean = k_flow_tx @ self.flow._alpha(times, torch.zeros_like(like))
+        _check_result(mean, self.flow, "The ensemble mean")
         cov = None
         if compute_cov:
             if xt is None:
@@ -519,16 +727,9 @@ class EnsemblePredictor:
             else:
                 k_tt = _get_kernel(self.kernel_fn(xt, None, ("nngp",)), "nngp", (m, m),
                                    "k(x_test, x_test)")
-            k_tt = k_tt.to(self.evals)
-            k_nngp_tx = k_nngp_tx.to(self.evals)
-            # Lee et al. (2019): Σ(t) = K_** − (Δ K_x* + h.c.) + Δ K_xx Δᵀ. The prior over
-            # initialisations is the NNGP; Δ carries the training flow (NTK or NNGP).
-            cross = delta @ k_nngp_tx.T
-            cov = (k_tt - cross - cross.transpose(-1, -2)
-                   + delta @ self.nngp_train.to(self.evals) @ delta.transpose(-1, -2))
-            cov = 0.5 * (cov + cov.transpose(-1, -2))
-            _check_result(cov, self.evals, "The ensemble covariance")
-            cov = cov[0] if scalar else cov
+            # The prior over initialisations is the NNGP; Δ carries the training flow.
+            cov = self.flow.covariance(t, k_flow_tx, k_tt.to(like), k_nngp_tx.to(like),
+                                       self.nngp_train.to(like))
         return EnsemblePrediction(_finish(mean, scalar, self.squeeze), cov)
 
 
@@ -556,7 +757,9 @@ def ensemble(net_or_kernel_fn: Any, x_train: Tensorish, y_train: Tensorish, *,
     e^{−2aKt}) K_x*``), ``K`` the NNGP, and ``a = η / N`` (``cost="jgh"``) or
     ``η / (N n_out)`` (``cost="nt"``). At ``t = inf`` the mean is kernel regression
     ``Θ_*x Θ⁻¹ y`` and the variance vanishes on the training points (JGH §IV.3); with
-    ``kernel="nngp"`` it is the GP posterior (:func:`gp_inference`).
+    ``kernel="nngp"`` and ``diag_reg = 0`` it is the GP posterior (:func:`gp_inference`).
+    (``diag_reg`` regularises ``Θ`` only; ``K_xx`` above stays the NNGP. For the ridge as
+    observation noise in ``K_xx`` too, use :meth:`MSEPredictor.covariance` directly.)
 
     Args:
         net_or_kernel_fn: an ntkit ``Layer`` (its analytic ``net.kernel``) or a callable
@@ -584,10 +787,10 @@ def ensemble(net_or_kernel_fn: Any, x_train: Tensorish, y_train: Tensorish, *,
     flow = _get_kernel(ks, "ntk", (n, n), "k(x_train, x_train)") if kernel == "ntk" else nngp
     y, squeeze = _as_targets(y_train, "y_train", n, flow)
     flow_reg = _regularize(flow, reg, diag_reg_absolute_scale)
-    evals, evecs = _eigh(flow_reg)
     rate = lr / _normalization(cost, n, y.shape[1])
-    return EnsemblePredictor(source, xtr, y, kernel, flow_reg, nngp, evals, evecs, rate, reg,
-                             squeeze)
+    mse = MSEPredictor(flow_reg, y, lr, cost, False, reg, rate, squeeze,
+                       name=f"the train-train {kernel.upper()}")
+    return EnsemblePredictor(source, xtr, kernel, mse, nngp)
 
 
 # -------------------------------------------------------------- general losses, ODE flow
@@ -599,12 +802,48 @@ def _cross_entropy_cost(norm: int) -> Callable[[torch.Tensor, torch.Tensor], tor
     return lambda f, y: -(y * torch.log_softmax(f, dim=1)).sum() / norm
 
 
+HessianFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _mse_hessian(norm: int) -> HessianFn:
+    def hessian(f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        eye = torch.eye(f.shape[1], dtype=f.dtype, device=f.device)
+        return eye.expand(f.shape[0], -1, -1) / norm
+    return hessian
+
+
+def _cross_entropy_hessian(norm: int) -> HessianFn:
+    def hessian(f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # ∂²/∂f² of −Σ_o y_o log softmax(f)_o is (Σ_o y_o) (diag p − p pᵀ), p = softmax(f).
+        p = torch.softmax(f, dim=1)
+        block = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+        return y.sum(dim=1)[:, None, None] * block / norm
+    return hessian
+
+
+_IMPLICIT_METHODS = ("Radau", "BDF", "LSODA")  # the solve_ivp methods that use a Jacobian
+
+
+class FlowCoefficients(NamedTuple):
+    """Dual coefficients of a kernel gradient flow (from :meth:`FlowPredictor.dual_coefficients`):
+    ``coef`` ``A(t)``, ``(N, O)`` (``(T, N, O)`` for ``T`` times), and ``n_evaluations``, the
+    number of right-hand-side evaluations the ODE solver used (0 when no time is > 0)."""
+
+    coef: torch.Tensor
+    n_evaluations: int
+
+
 @dataclass(frozen=True)
 class FlowPredictor:
     """Kernel gradient flow of an arbitrary cost, integrated by ``scipy.integrate.solve_ivp``
-    (built by :func:`gradient_flow`)."""
+    (built by :func:`gradient_flow`).
 
-    k_train_train: torch.Tensor
+    The flow is integrated in its dual coefficients ``A(t) = −η ∫₀ᵗ ∇_f C(f_train(s)) ds``
+    (``N × O`` numbers): the outputs are ``f_train(t) = f_train(0) + K A(t)`` and, for any
+    test inputs, ``f_test(t) = f_test(0) + K_*x A(t)``.
+    """
+
+    k_train_train: torch.Tensor  # with the ridge added
     y_train: torch.Tensor
     cost_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     learning_rate: float
@@ -612,17 +851,69 @@ class FlowPredictor:
     rtol: float
     atol: float
     squeeze: bool
+    hessian_fn: HessianFn | None = None  # per-example Hessian blocks (N, O, O) of the cost
+
+    def _integrate(self, times: torch.Tensor, f0: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """``A`` at each time, ``(T, N, O)`` in ``y_train``'s dtype and device, and the number
+        of right-hand-side evaluations."""
+        from scipy.integrate import solve_ivp
+
+        k, y = self.k_train_train, self.y_train
+        n, n_out = y.shape
+        # scipy integrates in numpy on the CPU; the kernels are tiny next to the ODE work.
+        k_c, y_c, f0_c = (a.detach().cpu().to(torch.float64) for a in (k, y, f0))
+        eta, cost_fn = self.learning_rate, self.cost_fn
+
+        def outputs(a_flat: np.ndarray) -> torch.Tensor:
+            a = torch.from_numpy(np.array(a_flat, dtype=np.float64)).reshape(n, n_out)
+            return f0_c + k_c @ a
+
+        def rhs(_t: float, a_flat: np.ndarray) -> np.ndarray:
+            f = outputs(a_flat).requires_grad_(True)
+            (grad,) = torch.autograd.grad(cost_fn(f, y_c), f)
+            return (-eta * grad).reshape(-1).numpy()
+
+        options: dict[str, Any] = {}
+        if self.hessian_fn is not None and self.method in _IMPLICIT_METHODS:
+            hessian_fn = self.hessian_fn
+
+            def jacobian(_t: float, a_flat: np.ndarray) -> np.ndarray:
+                # d rhs_(i,a) / d A_(j,b) = −η H_i[a, b] K_ij: the Hessian of a per-example
+                # cost is block-diagonal over examples.
+                h = hessian_fn(outputs(a_flat), y_c)                       # (N, O, O)
+                jac = -eta * h[:, :, None, :] * k_c[:, None, :, None]      # (N, O, N, O)
+                return jac.reshape(n * n_out, n * n_out).numpy()
+
+            options["jac"] = jacobian
+        t_np = times.numpy()
+        order = np.unique(t_np)
+        t_end = float(order[-1])
+        if t_end == 0:
+            sol_y, nfev = np.zeros((n * n_out, len(order))), 0
+        else:
+            sol = solve_ivp(rhs, (0.0, t_end), np.zeros(n * n_out), method=self.method,
+                            t_eval=order, rtol=self.rtol, atol=self.atol, **options)
+            if not sol.success:
+                raise ValueError(f"the ODE integrator ({self.method}) failed: {sol.message}. "
+                                 "Try method='LSODA' or 'Radau' for stiff kernels, or looser "
+                                 "rtol/atol.")
+            sol_y, nfev = sol.y, int(sol.nfev)
+        idx = np.searchsorted(order, t_np)
+        coef = torch.from_numpy(sol_y[:, idx].T.copy()).to(device=y.device, dtype=y.dtype)
+        return coef.reshape(len(t_np), n, n_out), nfev
+
+    def _times(self, t: Any) -> tuple[torch.Tensor, bool]:
+        times, scalar = _as_times(t, discrete=False)
+        if torch.isinf(times).any():
+            raise ValueError("gradient_flow integrates numerically and needs finite t; for the "
+                             "MSE at t = inf use gradient_descent_mse.")
+        return times, scalar
 
     def __call__(self, t: Any, fx_train_0: Tensorish | None = None,
                  fx_test_0: Tensorish | None = None,
                  k_test_train: Tensorish | None = None) -> Prediction:
         """Outputs at finite time(s) ``t`` (same shapes as :class:`MSEPredictor`)."""
-        from scipy.integrate import solve_ivp
-
-        times, scalar = _as_times(t, discrete=False)
-        if torch.isinf(times).any():
-            raise ValueError("gradient_flow integrates numerically and needs finite t; for the "
-                             "MSE at t = inf use gradient_descent_mse.")
+        times, scalar = self._times(t)
         k, y = self.k_train_train, self.y_train
         n, n_out = y.shape
         f0 = _as_initial(fx_train_0, "fx_train_0", (n, n_out), y)
@@ -632,46 +923,34 @@ class FlowPredictor:
         elif fx_test_0 is not None:
             raise ValueError("fx_test_0 was given without k_test_train; pass the (M, N) "
                              "test-train kernel to predict test outputs.")
-        else:
-            k_tx = torch.zeros((0, n), dtype=k.dtype)
-            g0 = torch.zeros((0, n_out), dtype=k.dtype)
-        # scipy integrates in numpy on the CPU; the kernels are tiny next to the ODE work.
-        k_c, k_tx_c, y_c = (a.detach().cpu().to(torch.float64) for a in (k, k_tx, y))
-        k_all = torch.cat([k_c, k_tx_c], dim=0)  # (N + M, N): one product moves both sets
-        eta, cost_fn = self.learning_rate, self.cost_fn
-
-        def rhs(_t: float, state: np.ndarray) -> np.ndarray:
-            f = torch.from_numpy(state[: n * n_out].reshape(n, n_out)).requires_grad_(True)
-            c = cost_fn(f, y_c)
-            (grad,) = torch.autograd.grad(c, f)
-            return (-eta * (k_all @ grad)).reshape(-1).numpy()
-
-        z0 = torch.cat([f0, g0], dim=0).detach().cpu().to(torch.float64).reshape(-1).numpy()
-        t_np = times.numpy()
-        order = np.unique(t_np)
-        t_end = float(order[-1])
-        if t_end == 0:
-            sol_y = np.repeat(z0[:, None], len(order), axis=1)
-        else:
-            sol = solve_ivp(rhs, (0.0, t_end), z0, method=self.method, t_eval=order,
-                            rtol=self.rtol, atol=self.atol)
-            if not sol.success:
-                raise ValueError(f"the ODE integrator ({self.method}) failed: {sol.message}. "
-                                 "Try method='LSODA' or 'Radau' for stiff kernels, or looser "
-                                 "rtol/atol.")
-            sol_y = sol.y
-        idx = np.searchsorted(order, t_np)
-        states = torch.from_numpy(sol_y[:, idx].T.copy()).to(device=y.device, dtype=y.dtype)
-        states = states.reshape(len(t_np), n + k_tx.shape[0], n_out)
-        train = _finish(states[:, :n], scalar, self.squeeze)
-        test = _finish(states[:, n:], scalar, self.squeeze) if k_test_train is not None else None
+        coef, _ = self._integrate(times, f0)
+        train = _finish(f0 + k @ coef, scalar, self.squeeze)
+        test = (_finish(g0 + k_tx @ coef, scalar, self.squeeze) if k_test_train is not None
+                else None)
         return Prediction(train, test)
+
+    def dual_coefficients(self, t: Any, fx_train_0: Tensorish | None = None
+                          ) -> FlowCoefficients:
+        """``A(t)``: for any test inputs, ``f_test(t) = f_test(0) + k_test_train @ A(t)``.
+
+        Args:
+            t: finite time(s) >= 0.
+            fx_train_0: ``(N, O)`` outputs on the training inputs at t = 0 (default 0).
+        Returns:
+            :class:`FlowCoefficients` ``(coef, n_evaluations)``; ``coef`` is ``(N, O)`` (or
+            ``(T, N, O)``; ``(N,)`` if ``y_train`` was 1-D).
+        """
+        times, scalar = self._times(t)
+        f0 = _as_initial(fx_train_0, "fx_train_0", tuple(self.y_train.shape), self.y_train)
+        coef, nfev = self._integrate(times, f0)
+        return FlowCoefficients(_finish(coef, scalar, self.squeeze), nfev)
 
 
 def gradient_flow(loss: str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                   k_train_train: Tensorish, y_train: Tensorish, *,
                   learning_rate: float = 1.0, cost: str = "jgh", method: str = "DOP853",
-                  rtol: float = 1e-9, atol: float = 1e-12) -> FlowPredictor:
+                  rtol: float = 1e-9, atol: float = 1e-12, diag_reg: float = 0.0,
+                  diag_reg_absolute_scale: bool = False) -> FlowPredictor:
     """Kernel gradient flow ``df/dt = −η K ∇_f C(f)`` for any differentiable cost.
 
     Args:
@@ -684,10 +963,14 @@ def gradient_flow(loss: str | Callable[[torch.Tensor, torch.Tensor], torch.Tenso
         cost: for the named losses, divide the sum over examples by ``N`` (``"jgh"``) or
             ``N · n_out`` (``"nt"``); ``"mse"`` then equals :func:`gradient_descent_mse`.
         method, rtol, atol: passed to ``scipy.integrate.solve_ivp`` (``"DOP853"`` by default,
-            ``"LSODA"``/``"Radau"`` for stiff kernels).
+            ``"LSODA"``/``"Radau"``/``"BDF"`` for stiff kernels: with a named loss these get
+            the exact Jacobian, an ``(N·O)²`` matrix). The tolerances apply to the dual
+            coefficients ``A(t)`` (see :class:`FlowPredictor`).
+        diag_reg: ridge added to ``K`` for the training flow (relative to mean(diag K)
+            unless ``diag_reg_absolute_scale``), as in :func:`gradient_descent_mse`.
     Returns:
-        :class:`FlowPredictor` ``p(t, fx_train_0=None, fx_test_0=None, k_test_train=None)``;
-        ``∇_f C`` comes from torch autograd, the test outputs ride along in the same ODE.
+        :class:`FlowPredictor` ``p(t, fx_train_0=None, fx_test_0=None, k_test_train=None)``
+        and ``p.dual_coefficients(t)``; ``∇_f C`` comes from torch autograd.
     """
     check_choice(cost, "cost", COSTS)
     lr = check_nonnegative(learning_rate, "learning_rate")
@@ -695,9 +978,12 @@ def gradient_flow(loss: str | Callable[[torch.Tensor, torch.Tensor], torch.Tenso
         raise ValueError("learning_rate must be > 0.")
     rtol = check_nonnegative(rtol, "rtol")
     atol = check_nonnegative(atol, "atol")
+    reg = check_nonnegative(diag_reg, "diag_reg")
     k = _as_square_kernel(k_train_train, "k_train_train")
     y, squeeze = _as_targets(y_train, "y_train", k.shape[0], k)
+    k = _regularize(k, reg, diag_reg_absolute_scale)
     norm = _normalization(cost, *y.shape)
+    hessian_fn = None
     if isinstance(loss, str):
         check_choice(loss, "loss", ("mse", "cross_entropy"))
         if loss == "cross_entropy":
@@ -706,11 +992,11 @@ def gradient_flow(loss: str | Callable[[torch.Tensor, torch.Tensor], torch.Tenso
                 raise ValueError("loss='cross_entropy' needs y_train rows that are "
                                  "probabilities (non-negative, summing to 1), e.g. one-hot "
                                  "labels of shape (N, n_classes).")
-            cost_fn = _cross_entropy_cost(norm)
+            cost_fn, hessian_fn = _cross_entropy_cost(norm), _cross_entropy_hessian(norm)
         else:
-            cost_fn = _mse_cost(norm)
+            cost_fn, hessian_fn = _mse_cost(norm), _mse_hessian(norm)
     elif callable(loss):
         cost_fn = loss
     else:
         raise ValueError(f"loss must be 'mse', 'cross_entropy' or a callable; got {loss!r}.")
-    return FlowPredictor(k, y, cost_fn, lr, method, rtol, atol, squeeze)
+    return FlowPredictor(k, y, cost_fn, lr, method, rtol, atol, squeeze, hessian_fn)

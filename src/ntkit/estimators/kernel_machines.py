@@ -2,8 +2,9 @@
 
 An infinitely wide network trained by gradient flow on the squared loss is kernel regression
 with its NTK (or, training only the readout, with its NNGP). These estimators fit and
-predict with the closed forms; they take and return numpy arrays and follow scikit-learn's
-conventions (``get_params``/``set_params``, ``Pipeline``, ``GridSearchCV``, ``clone``).
+predict with the closed forms of :mod:`ntkit.predict` (the cross-entropy flow with its ODE
+integrator); they take and return numpy arrays and follow scikit-learn's conventions
+(``get_params``/``set_params``, ``Pipeline``, ``GridSearchCV``, ``clone``).
 
 Conventions
 -----------
@@ -15,33 +16,50 @@ Conventions
 * Time: the flow of JGH's cost ``C = (1/2N) Σ_i ‖f(x_i) − y_i‖²`` at learning rate 1, i.e.
   ``df(X)/dt = −(1/N) Θ (f(X) − Y)`` from ``f ≡ 0`` (the ensemble mean at initialisation).
   Then ``f_t(x) = k(x, X) Θ⁻¹ (I − e^{−Θ t/N}) Y``; ``t = inf`` is the ridge(less) solve.
+  This is ``ntkit.predict.gradient_descent_mse(Θ, Y, cost="jgh", learning_rate=1)``.
+  At ``t = inf`` a singular ``Θ`` (repeated inputs with ``diag_reg = 0``) is solved with its
+  pseudo-inverse.
+* ``solver``: ``"direct"`` forms the ``N × N`` train kernel and factorises it (Cholesky at
+  ``t = inf``, an eigendecomposition for finite ``t``); ``"cg"`` solves ``(K + λ I) α = Y``
+  by Nyström-preconditioned conjugate gradients over tiled kernel mat-vecs
+  (:func:`ntkit.scale.solve`), never holding the train kernel: it needs ``t = inf`` and
+  ``diag_reg > 0``, and gives the mean only (no ``return_std``).
 * ``predict(X, return_std=True)``: the standard deviation over the infinite ensemble of
   randomly initialised networks trained to time ``t`` (Lee et al. 2019):
   ``Var f_t(x) = K(x,x) + k(x,X) T K_reg T k(X,x) − 2 k(x,X) T K(X,x)`` with
   ``T = Θ⁻¹ (I − e^{−Θ t/N})``, ``K`` the NNGP (ridge added with the same ``diag_reg``), and
   ``k`` the kernel being trained with (NTK or NNGP). For :class:`NNGPRegressor` at
   ``t = inf`` this is the Gaussian-process posterior variance with noise variance ``λ``.
-  It does not include observation noise.
+  It does not include observation noise. (``ntkit.predict.MSEPredictor.covariance`` with the
+  NNGP as prior and the ridge as noise on the training outputs.)
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 
 from .._validation import check_choice, check_nonnegative, resolve_dtype
+from ..dynamics.predict import gradient_descent_mse, gradient_flow
 from ..layers.base import Layer
-from ..scale.solvers import resolve_ridge
-from ..scale.tiled import kernel_matrix
+from ..scale.solvers import resolve_ridge, solve
+from ..scale.tiled import DEFAULT_TILE, kernel_matrix, tile_slices
 
 _WIDTH_PLACEHOLDER = 512  # the analytic kernel does not depend on the declared width
 _STIFF_SOLVER_MAX_SIZE = 2000  # n_train * n_classes up to which the flow uses LSODA
+_SOLVERS = ("direct", "cg")
+# Relative residual at which CG stops: prediction errors are about this size relative to y.
+_CG_TOL = {torch.float64: 1e-8, torch.float32: 1e-5}
+_CG_MAX_ITER = 1000
+_PREDICT_BLOCK = DEFAULT_TILE * DEFAULT_TILE  # test-train kernel entries held at once
 
 
 def _check_time(t: Any) -> float:
@@ -54,51 +72,16 @@ def _check_time(t: Any) -> float:
     return value
 
 
-class _TrainSolver:
-    """Factorisation of ``Θ = K + λI`` that applies ``T = Θ⁻¹ (I − e^{−Θ t/N})``.
-
-    ``t = inf`` uses a Cholesky factorisation (falling back to an eigendecomposition with a
-    pseudo-inverse when ``Θ`` is singular, e.g. repeated inputs and ``diag_reg = 0``);
-    finite ``t`` uses one eigendecomposition, valid for every ``t``.
-    """
-
-    def __init__(self, theta: torch.Tensor, t: float):
-        n = theta.shape[0]
-        self.t = t
-        self.cholesky = None
-        if math.isinf(t):
-            L, info = torch.linalg.cholesky_ex(theta)
-            if int(info) == 0:
-                self.cholesky = L
-                return
-        evals, self.evecs = torch.linalg.eigh(theta)
-        evals = evals.clamp(min=0)
-        if math.isinf(t):
-            cutoff = float(evals.max()) * n * torch.finfo(theta.dtype).eps
-            safe = torch.where(evals > cutoff, evals, torch.ones_like(evals))
-            self.gain = torch.where(evals > cutoff, 1.0 / safe, torch.zeros_like(evals))
-        else:
-            # (1 − e^{−e t/N}) / e, with its limit t/N at e = 0.
-            x = evals * (t / n)
-            safe = torch.where(x > 0, x, torch.ones_like(x))
-            self.gain = torch.where(x > 0, -torch.expm1(-safe) / safe, torch.ones_like(x)) * (t / n)
-
-    def apply(self, M: torch.Tensor) -> torch.Tensor:
-        if self.cholesky is not None:
-            return torch.cholesky_solve(M, self.cholesky)
-        return self.evecs @ (self.gain[:, None] * (self.evecs.T @ M))
-
-
 class _InfiniteNetworkBase(BaseEstimator):
-    """Shared machinery: architecture parameters, kernels, the MSE closed form."""
+    """Shared machinery: architecture parameters, kernels, fitting the MSE flow, predicting."""
 
     _kind = "ntk"
 
     def __init__(self, net: Layer | None = None, *, depth: int = 3, activation: Any = "relu",
                  W_std: float = 1.0, b_std: float = 0.1, parameterization: str = "ntk",
                  t: float = np.inf, diag_reg: float = 0.0,
-                 diag_reg_absolute_scale: bool = False, dtype: str = "float64",
-                 device: str | None = None):
+                 diag_reg_absolute_scale: bool = False, solver: str = "direct",
+                 dtype: str = "float64", device: str | None = None):
         self.net = net
         self.depth = depth
         self.activation = activation
@@ -108,6 +91,7 @@ class _InfiniteNetworkBase(BaseEstimator):
         self.t = t
         self.diag_reg = diag_reg
         self.diag_reg_absolute_scale = diag_reg_absolute_scale
+        self.solver = solver
         self.dtype = dtype
         self.device = device
 
@@ -135,43 +119,92 @@ class _InfiniteNetworkBase(BaseEstimator):
     def _kernel_diag(self, X: torch.Tensor, kind: str) -> torch.Tensor:
         return self.net_.kernel(X, get=kind, diagonal=True, dtype=self._dtype)[kind]
 
-    def _fit_mse(self, X: np.ndarray, Y: np.ndarray) -> None:
-        """Fit the closed-form flow on ``Y`` of shape ``(N, k)``."""
+    def _check_params(self) -> None:
+        """Validate the parameters shared by every ``fit`` and set the fitted network."""
         self.net_ = self._build_net()
         self._dtype = resolve_dtype(self.dtype, "dtype")
         self._device = torch.device(self.device) if self.device is not None else None
         self._t = _check_time(self.t)
         check_nonnegative(self.diag_reg, "diag_reg")
-        Xt = self._tensor(X)
+        check_choice(self.solver, "solver", _SOLVERS)
+        if self.solver == "cg":
+            if not math.isinf(self._t):
+                raise ValueError(f"solver='cg' gives only the converged solution (t = inf); "
+                                 f"got t={self.t!r}. Use solver='direct' for a finite "
+                                 "training time.")
+            if float(self.diag_reg) == 0:
+                raise ValueError("solver='cg' needs diag_reg > 0 (its Nyström preconditioner "
+                                 "and the conjugate-gradient convergence rest on the ridge), "
+                                 "e.g. diag_reg=1e-6; or use solver='direct'.")
+        self._flow = None         # the ntkit.predict flow (solver='direct', loss='mse')
+        self._nngp_train = None   # computed on the first predict(..., return_std=True)
+        self.n_iter_ = None
+
+    def _fit_mse(self, X: np.ndarray, Y: np.ndarray) -> None:
+        """Fit the closed-form flow on ``Y`` of shape ``(N, k)``."""
+        self._check_params()
+        Xt, Yt = self._tensor(X), self._tensor(Y)
+        self._X_train = Xt
+        if self.solver == "cg":
+            tol = _CG_TOL[self._dtype]
+            result = solve(self.net_, Xt, Yt, method="cg", preconditioner="nystrom",
+                           diag_reg=self.diag_reg,
+                           diag_reg_absolute_scale=self.diag_reg_absolute_scale,
+                           get=self._kind, tol=tol, max_iter=_CG_MAX_ITER, dtype=self._dtype)
+            if not result.converged:
+                warnings.warn(f"solver='cg' stopped after {result.iterations} iterations at "
+                              f"relative residual {result.residual:.2e} (tolerance {tol:.0e}); "
+                              "the predictions are approximate. A larger diag_reg converges "
+                              "faster; solver='direct' is exact.", ConvergenceWarning,
+                              stacklevel=3)
+            self.ridge_ = result.ridge
+            self._coef = result.coef
+            self.n_iter_ = result.iterations
+            return
         K = self._kernel(Xt, None, self._kind)
         self.ridge_ = resolve_ridge(self.diag_reg, K.diagonal(), self.diag_reg_absolute_scale)
-        K.diagonal().add_(self.ridge_)
-        self._solver = _TrainSolver(K, self._t)
-        self._X_train = Xt
-        self._coef = self._solver.apply(self._tensor(Y)) if self._t > 0 else \
-            torch.zeros(Y.shape, dtype=self._dtype, device=Xt.device)
-        self._nngp_train = None  # computed on the first predict(..., return_std=True)
+        # JGH's cost (½ · mean over examples) at learning rate 1 is the estimator's time.
+        self._flow = gradient_descent_mse(K, Yt, learning_rate=1.0, cost="jgh",
+                                          diag_reg=self.ridge_, diag_reg_absolute_scale=True,
+                                          pseudo_inverse=True)
+        del K
+        self._coef = self._flow.dual_coefficients(self._t)  # f_t(x) = k(x, X) @ coef
 
-    def _mean(self, X: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def _predict_tensors(self, X: np.ndarray, return_std: bool = False
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Outputs ``(n, k)`` and, with ``return_std``, the ensemble std ``(n,)``, computed in
+        blocks of test rows so that the test-train kernel is never held whole."""
+        if return_std and self._flow is None:
+            raise ValueError("return_std=True needs solver='direct': the ensemble variance "
+                             "uses the factorised N x N train kernel, which solver='cg' never "
+                             "forms.")
         Xt = self._tensor(X)
-        k_test_train = self._kernel(Xt, self._X_train, self._kind)
-        return k_test_train @ self._coef, k_test_train
+        n_train = self._X_train.shape[0]
+        mean = torch.empty((Xt.shape[0], self._coef.shape[1]), dtype=self._dtype,
+                           device=Xt.device)
+        std = torch.empty(Xt.shape[0], dtype=self._dtype, device=Xt.device) \
+            if return_std else None
+        for rows in tile_slices(Xt.shape[0], max(1, _PREDICT_BLOCK // n_train)):
+            k_test_train = self._kernel(Xt[rows], self._X_train, self._kind)
+            mean[rows] = k_test_train @ self._coef
+            if return_std:
+                std[rows] = self._std(Xt[rows], k_test_train)
+        return mean, std
 
     def _std(self, Xt: torch.Tensor, k_test_train: torch.Tensor) -> torch.Tensor:
         """Ensemble standard deviation of ``f_t(x)``, shape ``(n,)``."""
-        prior = self._kernel_diag(Xt, "nngp")
-        if self._t == 0:
-            return prior.clamp(min=0).sqrt()
         if self._nngp_train is None:
-            K = self._kernel(self._X_train, None, "nngp")
-            K.diagonal().add_(resolve_ridge(self.diag_reg, K.diagonal(),
-                                            self.diag_reg_absolute_scale))
-            self._nngp_train = K
+            if self._kind == "nngp":  # the flow's regularised kernel is that very matrix
+                self._nngp_train = self._flow.k_train_train
+            else:
+                K = self._kernel(self._X_train, None, "nngp")
+                K.diagonal().add_(resolve_ridge(self.diag_reg, K.diagonal(),
+                                                self.diag_reg_absolute_scale))
+                self._nngp_train = K
         nngp_test_train = k_test_train if self._kind == "nngp" else \
             self._kernel(Xt, self._X_train, "nngp")
-        S = self._solver.apply(k_test_train.T)                  # (N, n)
-        var = (prior + (S * (self._nngp_train @ S)).sum(dim=0)
-               - 2.0 * (S * nngp_test_train.T).sum(dim=0))
+        var = self._flow.covariance(self._t, k_test_train, self._kernel_diag(Xt, "nngp"),
+                                    nngp_test_train, self._nngp_train)
         return var.clamp(min=0).sqrt()
 
     def _validate_predict_X(self, X):
@@ -194,19 +227,19 @@ class _InfiniteNetworkRegressor(RegressorMixin, _InfiniteNetworkBase):
         Args:
             X: ``(n, d)`` inputs.
             return_std: also return the ensemble standard deviation of the outputs (the same
-                for every target column; no observation noise).
+                for every target column; no observation noise). Needs ``solver="direct"``.
         Returns:
             ``y_mean`` of shape ``(n,)`` or ``(n, k)`` like the training ``y``; with
             ``return_std``, ``(y_mean, y_std)`` with ``y_std`` of the same shape.
         """
         X = self._validate_predict_X(X)
-        mean, k_test_train = self._mean(X)
+        mean, std = self._predict_tensors(X, return_std)
         mean_np = mean.cpu().numpy()
         if self._y_ndim == 1:
             mean_np = mean_np[:, 0]
         if not return_std:
             return mean_np
-        std = self._std(self._tensor(X), k_test_train).cpu().numpy()
+        std = std.cpu().numpy()
         std = std if self._y_ndim == 1 else np.repeat(std[:, None], mean_np.shape[1], axis=1)
         return mean_np, std
 
@@ -232,11 +265,17 @@ class NTKRegressor(_InfiniteNetworkRegressor):
             A finite ``t`` is early stopping.
         diag_reg: ridge, relative to the mean diagonal of the train kernel unless
             ``diag_reg_absolute_scale``.
+        solver: "direct" (default): form the ``N × N`` train kernel and factorise it. "cg":
+            for ``t = inf`` only, solve ``(K + λ I) α = y`` by Nyström-preconditioned
+            conjugate gradients over tiled kernel mat-vecs, never holding the train kernel
+            (for ``N`` too large for memory); needs ``diag_reg > 0`` and does not support
+            ``return_std``.
         dtype: "float64" (default) or "float32".
         device: torch device for the kernels (e.g. "cuda"); default CPU.
 
     Attributes:
-        net_: the network used. ``ridge_``: the absolute ridge λ. ``n_features_in_``.
+        net_: the network used. ``ridge_``: the absolute ridge λ. ``n_iter_``: conjugate-
+        gradient iterations (``solver="cg"``; ``None`` otherwise). ``n_features_in_``.
     """
 
     _kind = "ntk"
@@ -259,11 +298,11 @@ class NTKClassifier(ClassifierMixin, _InfiniteNetworkBase):
     :class:`NTKRegressor` and predicts the argmax of the ``n_classes`` outputs.
     ``loss="cross_entropy"`` trains the outputs with softmax cross-entropy by the kernel
     gradient flow ``df(X)/dt = −(1/N) Θ (softmax(f(X)) − Y)`` from ``f ≡ 0`` to a finite time
-    ``t`` (required: on separable data the logits grow without bound), integrated by LSODA
-    with the exact Jacobian when ``N · n_classes <= 2000`` and by adaptive Runge–Kutta
-    (RK45) otherwise (standardise the inputs: its step count grows with the kernel's
-    scale); a test point gets ``f_t(x) = k(x, X) A_t`` with
-    ``A_t = −(1/N) ∫₀ᵗ (softmax(f_s(X)) − Y) ds``.
+    ``t`` (required: on separable data the logits grow without bound), integrated by
+    ``ntkit.predict.gradient_flow`` with LSODA and the exact Jacobian when
+    ``N · n_classes <= 2000`` and by adaptive Runge–Kutta (RK45) otherwise (standardise the
+    inputs: its step count grows with the kernel's scale); a test point gets
+    ``f_t(x) = k(x, X) A_t`` with ``A_t = −(1/N) ∫₀ᵗ (softmax(f_s(X)) − Y) ds``.
 
     What ``predict_proba`` means:
 
@@ -281,18 +320,25 @@ class NTKClassifier(ClassifierMixin, _InfiniteNetworkBase):
     Args:
         kernel: "ntk" (default) or "nngp".
         loss: "mse" or "cross_entropy".
+        solver: "direct" or "cg" (``loss="mse"`` and ``t = inf`` only), as in
+            :class:`NTKRegressor`.
         Others as :class:`NTKRegressor`.
+
+    Attributes:
+        classes_, net_, ridge_, n_iter_ (as :class:`NTKRegressor`); ``n_flow_evaluations_``:
+        right-hand-side evaluations of the cross-entropy flow.
     """
 
     def __init__(self, net: Layer | None = None, *, depth: int = 3, activation: Any = "relu",
                  W_std: float = 1.0, b_std: float = 0.1, parameterization: str = "ntk",
                  t: float = np.inf, diag_reg: float = 0.0,
                  diag_reg_absolute_scale: bool = False, kernel: str = "ntk",
-                 loss: str = "mse", dtype: str = "float64", device: str | None = None):
+                 loss: str = "mse", solver: str = "direct", dtype: str = "float64",
+                 device: str | None = None):
         super().__init__(net, depth=depth, activation=activation, W_std=W_std, b_std=b_std,
                          parameterization=parameterization, t=t, diag_reg=diag_reg,
-                         diag_reg_absolute_scale=diag_reg_absolute_scale, dtype=dtype,
-                         device=device)
+                         diag_reg_absolute_scale=diag_reg_absolute_scale, solver=solver,
+                         dtype=dtype, device=device)
         self.kernel = kernel
         self.loss = loss
 
@@ -308,6 +354,9 @@ class NTKClassifier(ClassifierMixin, _InfiniteNetworkBase):
         if self.loss == "mse":
             self._fit_mse(X, Y)
         else:
+            if check_choice(self.solver, "solver", _SOLVERS) == "cg":
+                raise ValueError("solver='cg' solves the t = inf linear system of "
+                                 "loss='mse'; loss='cross_entropy' needs solver='direct'.")
             if math.isinf(_check_time(self.t)):
                 raise ValueError("loss='cross_entropy' needs a finite training time t (the "
                                  "logits diverge as t -> inf on separable data); e.g. t=100.")
@@ -315,56 +364,29 @@ class NTKClassifier(ClassifierMixin, _InfiniteNetworkBase):
         return self
 
     def _fit_cross_entropy(self, X: np.ndarray, Y: np.ndarray) -> None:
-        from scipy.integrate import solve_ivp
-
-        self.net_ = self._build_net()
-        self._dtype = resolve_dtype(self.dtype, "dtype")
-        self._device = torch.device(self.device) if self.device is not None else None
-        self._t = _check_time(self.t)
-        check_nonnegative(self.diag_reg, "diag_reg")
+        self._check_params()
         Xt = self._tensor(X)
         theta = self._kernel(Xt, None, self._kind)
         self.ridge_ = resolve_ridge(self.diag_reg, theta.diagonal(),
                                     self.diag_reg_absolute_scale)
-        theta.diagonal().add_(self.ridge_)
         n, c = Y.shape
-        Yt = self._tensor(Y)
-
-        # The train logits are f = Θ A, so integrating A alone determines everything.
-        def rhs(_, a_flat):
-            A = torch.as_tensor(a_flat, dtype=self._dtype, device=Yt.device).reshape(n, c)
-            P = torch.softmax(theta @ A, dim=1)
-            return ((Yt - P) / n).reshape(-1).cpu().numpy()
-
-        def jacobian(_, a_flat):
-            # d(rhs)_(i,a) / dA_(j,b) = −(1/N) Θ_ij (P_ia δ_ab − P_ia P_ib)
-            A = torch.as_tensor(a_flat, dtype=self._dtype, device=Yt.device).reshape(n, c)
-            P = torch.softmax(theta @ A, dim=1)
-            S = torch.diag_embed(P) - P[:, :, None] * P[:, None, :]       # (n, c, c)
-            J = -(theta[:, None, :, None] * S[:, :, None, :]) / n          # (n, c, n, c)
-            return J.reshape(n * c, n * c).cpu().numpy()
-
-        if self._t > 0:
-            # Large kernel values (unscaled inputs) make the flow stiff; for small problems an
-            # implicit-capable method with the exact Jacobian keeps the step count low. The
-            # (n c)² Jacobian is too big beyond that, and an explicit Runge–Kutta is used
-            # (its cost grows with the kernel's scale: standardise the inputs).
-            small = n * c <= _STIFF_SOLVER_MAX_SIZE
-            sol = solve_ivp(rhs, (0.0, self._t), np.zeros(n * c),
-                            method="LSODA" if small else "RK45", jac=jacobian if small else None,
-                            rtol=1e-8, atol=1e-10, t_eval=[self._t])
-            if not sol.success:
-                raise RuntimeError(f"The cross-entropy gradient flow failed: {sol.message}")
-            A = sol.y[:, -1].reshape(n, c)
-        else:
-            A = np.zeros((n, c))
+        # Large kernel values (unscaled inputs) make the flow stiff; for small problems an
+        # implicit-capable method with the exact Jacobian keeps the step count low. The
+        # (n c)² Jacobian is too big beyond that, and an explicit Runge–Kutta is used (its
+        # cost grows with the kernel's scale: standardise the inputs).
+        small = n * c <= _STIFF_SOLVER_MAX_SIZE
+        flow = gradient_flow("cross_entropy", theta, self._tensor(Y), learning_rate=1.0,
+                             cost="jgh", method="LSODA" if small else "RK45", rtol=1e-8,
+                             atol=1e-10, diag_reg=self.ridge_, diag_reg_absolute_scale=True)
+        del theta
+        result = flow.dual_coefficients(self._t)
         self._X_train = Xt
-        self._coef = self._tensor(A)
-        self.n_flow_evaluations_ = int(sol.nfev) if self._t > 0 else 0
+        self._coef = result.coef  # the train logits are f = Θ A: A_t determines everything
+        self.n_flow_evaluations_ = result.n_evaluations
 
     def _outputs(self, X) -> np.ndarray:
         X = self._validate_predict_X(X)
-        return self._mean(X)[0].cpu().numpy()
+        return self._predict_tensors(X)[0].cpu().numpy()
 
     def decision_function(self, X) -> np.ndarray:
         """Raw outputs ``f(x)``: ``(n, n_classes)``, or ``f_1 − f_0`` of shape ``(n,)`` for two

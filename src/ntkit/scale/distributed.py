@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._validation import check_choice, check_positive_int, resolve_dtype
+from .._validation import as_inputs, check_choice, check_positive_int, resolve_dtype
 from ..layers.base import Layer
-from .tiled import KERNEL_CHOICES, check_net, prepare_inputs
+from .tiled import KERNEL_CHOICES, check_net
 
 
 def _kernel_block(x1: np.ndarray, x2: np.ndarray, net: Layer, get: str,
@@ -60,7 +60,7 @@ def _as_dask_inputs(X: Any, name: str, chunks: int, dtype: torch.dtype):
         # Finite values are checked on the workers' blocks by net.kernel itself.
         return X.astype(np.float64 if dtype == torch.float64 else np.float32).rechunk(
             (chunks, -1))
-    t, _ = prepare_inputs(X, None, dtype)
+    t = as_inputs(X, name, dtype=dtype)
     return da.from_array(t.detach().cpu().numpy(), chunks=(chunks, -1), name=False)
 
 

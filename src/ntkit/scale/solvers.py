@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .._validation import (
+    as_inputs,
     as_tensor,
     check_choice,
     check_finite,
@@ -41,7 +42,6 @@ from .tiled import (
     check_dense_fits,
     iter_tiles,
     kernel_tile,
-    prepare_inputs,
     tile_slices,
 )
 
@@ -76,7 +76,7 @@ class KernelOperator:
         self.net = check_net(net)
         self.get = check_choice(get, "get", KERNEL_CHOICES)
         self.tile = check_positive_int(tile, "tile")
-        self.X, _ = prepare_inputs(X, None, resolve_dtype(dtype))
+        self.X = as_inputs(X, "X", dtype=resolve_dtype(dtype))
         n = self.X.shape[0]
         self.shape = (n, n)
         self.dtype = self.X.dtype

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .._validation import (
-    as_inputs,
+    as_input_pair,
     available_memory,
     check_choice,
     check_positive_int,
@@ -44,19 +44,6 @@ def check_net(net: Any, name: str = "net") -> Layer:
         raise ValueError(f"{name} must be an ntkit network (an nk.Layer such as nk.mlp(...)); "
                          f"got {type(net).__name__}.")
     return net
-
-
-def prepare_inputs(X1: Any, X2: Any | None, dtype: torch.dtype
-                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Validate ``X1`` (and ``X2``) as finite ``(N, d)`` arrays of ``dtype`` on X1's device."""
-    t1 = as_inputs(X1, "X1", dtype=dtype)
-    if X2 is None:
-        return t1, None
-    t2 = as_inputs(X2, "X2", dtype=dtype, device=t1.device)
-    if t2.shape[1] != t1.shape[1]:
-        raise ValueError(f"X1 has {t1.shape[1]} features but X2 has {t2.shape[1]}; both must "
-                         "have the same number of features.")
-    return t1, t2
 
 
 def tile_slices(n: int, tile: int) -> list[slice]:
@@ -139,7 +126,7 @@ def kernel_matrix(net: Layer, X1: Any, X2: Any | None = None, *, get: str = "ntk
     get = check_choice(get, "get", KERNEL_CHOICES)
     tile = check_positive_int(tile, "tile")
     dtype = resolve_dtype(dtype)
-    t1, t2 = prepare_inputs(X1, X2, dtype)
+    t1, t2 = as_input_pair(X1, X2, dtype=dtype, names=("X1", "X2"))
     symmetric = t2 is None
     n1, n2 = t1.shape[0], (t1 if symmetric else t2).shape[0]
     if out is None:
