@@ -18,7 +18,6 @@ Run: ``python benchmarks/estimators.py`` (about 5–10 minutes on 2 cores). Writ
 
 from __future__ import annotations
 
-import gzip
 import itertools
 import time
 from pathlib import Path
@@ -27,28 +26,14 @@ import numpy as np
 from sklearn.kernel_ridge import KernelRidge
 from sklearn.svm import SVC
 
+from ntkit.datasets import load_mnist
 from ntkit.estimators import NTKClassifier
 
-MNIST_DIR = Path("/work/shared/data/mnist")
 N_TRAIN, N_TEST, SEED = 8000, 2000, 0
 
 
-def _read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as fh:
-        data = fh.read()
-    ndim = data[3]
-    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
 def load_data() -> tuple[np.ndarray, np.ndarray]:
-    """Images (10000, 784) in [0, 1] and labels (10000,), from ntkit.datasets when present."""
-    try:
-        from ntkit.datasets import load_mnist
-    except ImportError:  # the IDX files directly
-        X = _read_idx(MNIST_DIR / "t10k-images-idx3-ubyte.gz").reshape(10000, -1) / 255.0
-        y = _read_idx(MNIST_DIR / "t10k-labels-idx1-ubyte.gz")
-        return X.astype(np.float64), y.astype(np.int64)
+    """Images (10000, 784) in [0, 1] and labels (10000,): the test set bundled in ntkit."""
     data = load_mnist()
     return data.images, data.labels
 
