@@ -182,3 +182,36 @@ def test_run_rejects_unknown_experiment_and_scale(tmp_path):
         jgh20.run(("fig4",), scale="quick", out=tmp_path)
     with pytest.raises(ValueError, match="scale must be one of"):
         jgh20.run(("pca",), scale="huge", out=tmp_path)
+
+
+def test_interrupted_run_resumes_from_finished_experiments(tmp_path, monkeypatch):
+    """A finished experiment is checkpointed; --resume reuses it (same numbers, not rerun)
+    and recomputes anything whose seed or scale differs."""
+    out = tmp_path / "run"
+    args = ["reproduce", "jgh20", "--scale", "quick", "--experiment", "convergence",
+            "--out", str(out), "--no-progress"]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output + repr(first.exception)
+    assert (out / "checkpoints" / "convergence.json").exists()
+    before = json.loads((out / "results.json").read_text())
+
+    # An interruption while the next experiment runs: the finished one survives.
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(jgh20.RUNNERS, "regression", interrupted)
+    broken = CliRunner().invoke(main, args[:5] + ["all"] + args[6:] + ["--resume"])
+    assert broken.exit_code == 130 and "--resume" in broken.output
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a checkpointed experiment was recomputed")
+
+    monkeypatch.setitem(jgh20.RUNNERS, "convergence", must_not_run)
+    again = CliRunner().invoke(main, args + ["--resume"])
+    assert again.exit_code == 0, again.output + repr(again.exception)
+    assert json.loads((out / "results.json").read_text()) == before
+    assert "from a checkpoint" in (out / "report.md").read_text()
+
+    # Another seed is another computation: the checkpoint does not apply.
+    other = CliRunner().invoke(main, args + ["--resume", "--seed", "1"])
+    assert isinstance(other.exception, AssertionError)

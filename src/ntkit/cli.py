@@ -33,7 +33,11 @@ def reproduce() -> None:
               help="Where networks are trained (analytic kernels are computed on the CPU).")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Show tqdm progress bars on stderr.")
-def jgh20(experiment: str, scale: str, out: str, seed: int, device: str, progress: bool) -> None:
+@click.option("--resume", is_flag=True,
+              help="Reuse the experiments an earlier, interrupted run finished (saved in "
+                   "OUT/checkpoints/ with the same scale, seed and device).")
+def jgh20(experiment: str, scale: str, out: str, seed: int, device: str, progress: bool,
+          resume: bool) -> None:
     """Jacot, Gabriel & Hongler (2018), §6: Figs. 1–3 with a report beside the paper's numbers."""
     from .experiments import jgh20 as exp
 
@@ -43,9 +47,15 @@ def jgh20(experiment: str, scale: str, out: str, seed: int, device: str, progres
         if scale == "paper" and device == "cpu":
             click.echo("Note: --scale paper trains width-10000 networks; a GPU "
                        "(--device cuda) is advised, on CPU this takes hours.", err=True)
-        exp.run(experiments, scale=scale, out=out, seed=seed, device=device, progress=progress)
+        exp.run(experiments, scale=scale, out=out, seed=seed, device=device, progress=progress,
+                resume=resume)
     except ValueError as err:
         raise click.ClickException(str(err)) from err
+    except KeyboardInterrupt:
+        click.echo(f"\nInterrupted. Finished experiments are saved in {out}/"
+                   f"{exp.CHECKPOINT_DIR}/; rerun the same command with --resume to continue "
+                   "from them.", err=True)
+        sys.exit(130)
     click.echo(f"Wrote figures, results.json and report.md to {out}/")
 
 

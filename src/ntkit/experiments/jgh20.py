@@ -320,13 +320,47 @@ def check_output_dir(out: str | Path) -> Path:
     return path
 
 
+CHECKPOINT_DIR = "checkpoints"
+
+
+def _checkpoint_key(scale: str, cfg: Scale, seed: int, device: torch.device) -> dict:
+    """What a finished experiment's numbers depend on; a checkpoint is reused only if equal."""
+    from .. import __version__
+
+    key = {"scale": scale, "config": asdict(cfg), "seed": seed, "device": device.type,
+           "ntkit": __version__, "torch": torch.__version__}
+    return json.loads(json.dumps(key))  # as it reads back from a checkpoint (tuples -> lists)
+
+
+def _load_checkpoint(path: Path, key: dict) -> tuple[dict, float] | None:
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # absent, or cut short mid-write by an older interruption
+    if saved.get("key") != key:
+        return None
+    return saved["results"], float(saved["seconds"])
+
+
+def _save_checkpoint(path: Path, key: dict, results: dict, seconds: float) -> None:
+    path.parent.mkdir(exist_ok=True)
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps({"key": key, "seconds": seconds, "results": results}))
+    partial.replace(path)  # atomic: a checkpoint is whole or absent
+
+
 def run(experiments: tuple[str, ...] = EXPERIMENTS, scale: str = "default",
         out: str | Path = "jgh20-results", seed: int = 0, device: str = "cpu",
-        progress: bool = True) -> dict:
+        progress: bool = True, resume: bool = False) -> dict:
     """Run the chosen experiments and write figures, ``results.json`` and ``report.md``.
 
     The numbers depend only on ``scale``, ``seed`` and ``device``: a second run gives the
     same ``results.json`` (timings go to ``timings.json`` and the report).
+
+    Each finished experiment is saved to ``out/checkpoints/<name>.json`` (with its figure),
+    so an interrupted run loses at most the experiment in progress. ``resume=True`` reuses
+    every checkpoint made with the same scale, seed, device, ntkit and torch versions,
+    and computes only the rest.
     """
     from tqdm.auto import tqdm
 
@@ -347,15 +381,24 @@ def run(experiments: tuple[str, ...] = EXPERIMENTS, scale: str = "default",
     def bar(iterable, desc):
         return tqdm(iterable, desc=desc, disable=not progress, leave=False)
 
-    results, timings = {}, {}
+    key = _checkpoint_key(scale, cfg, seed, dev)
+    results, timings, reused = {}, {}, []
     for name in experiments:
-        start = time.perf_counter()
-        results[name] = RUNNERS[name](cfg, seed, dev, bar, progress)
-        timings[name] = time.perf_counter() - start
+        checkpoint = path / CHECKPOINT_DIR / f"{name}.json"
+        saved = _load_checkpoint(checkpoint, key) if resume else None
+        if saved is not None:
+            results[name], timings[name] = saved
+            reused.append(name)
+        else:
+            start = time.perf_counter()
+            results[name] = RUNNERS[name](cfg, seed, dev, bar, progress)
+            timings[name] = time.perf_counter() - start
+            _save_checkpoint(checkpoint, key, results[name], timings[name])
         filename, draw = FIGURES[name]
         draw(results[name], path / filename)
     meta = {"scale": scale, "scale_note": cfg.note, "seed": seed, "device": str(dev),
-            "version": __version__, "torch": torch.__version__, "timings": timings}
+            "version": __version__, "torch": torch.__version__, "timings": timings,
+            "reused": reused}
     document = {"scale": scale, "seed": seed, "config": asdict(cfg), "paper": PAPER,
                 "experiments": results}
     (path / "results.json").write_text(json.dumps(document, indent=1))

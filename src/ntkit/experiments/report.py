@@ -237,6 +237,8 @@ def report(results: dict, meta: dict[str, Any]) -> str:
         "",
     ]
     lines += ["## Timing", "", "| experiment | seconds |", "|---|---|"]
-    lines += [f"| {name} | {sec:.1f} |" for name, sec in meta["timings"].items()]
+    reused = set(meta.get("reused", ()))
+    lines += [f"| {name} | {sec:.1f}{' (from a checkpoint of an earlier run)' if name in reused else ''} |"
+              for name, sec in meta["timings"].items()]
     lines.append("")
     return "\n".join(lines)
