@@ -28,7 +28,8 @@ def resolve_dtype(dtype: Any, name: str = "dtype") -> torch.dtype:
         return table[dtype]
     if isinstance(dtype, torch.dtype):
         if dtype not in (torch.float64, torch.float32):
-            raise ValueError(f"{name}={dtype} is not supported; use torch.float64 or torch.float32.")
+            raise ValueError(f"{name}={dtype} is not supported; use torch.float64 or "
+                             "torch.float32.")
         return dtype
     try:
         return resolve_dtype(np.dtype(dtype).name, name)

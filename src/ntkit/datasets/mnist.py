@@ -110,7 +110,8 @@ def load_mnist(split: str = "test", path: str | Path | None = None, *,
     if path is None:
         if split != "test":
             raise ValueError("Only the MNIST test set is bundled; pass path= to a directory "
-                             "holding train-images-idx3-ubyte[.gz] and train-labels-idx1-ubyte[.gz].")
+                             "holding train-images-idx3-ubyte[.gz] and "
+                             "train-labels-idx1-ubyte[.gz].")
         files = [_bundled(f"{stem}.gz") for stem in _FILES[split]]
     else:
         files = [_find(Path(path), stem) for stem in _FILES[split]]

@@ -485,7 +485,8 @@ def gradient_descent_mse(k_train_train: Tensorish, y_train: Tensorish, *,
     With the residual ``r(t) = f_train(t) − y`` and ``a = η / N`` (``cost="jgh"``) or
     ``η / (N n_out)`` (``cost="nt"``):
 
-    * flow: ``r(t) = exp(−a K t) r(0)``; ``f_test(t) = f_test(0) − K_*x K⁻¹ (I − exp(−a K t)) r(0)``;
+    * flow: ``r(t) = exp(−a K t) r(0)``;
+      ``f_test(t) = f_test(0) − K_*x K⁻¹ (I − exp(−a K t)) r(0)``;
     * ``discrete=True`` (exact gradient-descent steps, ``t`` = number of steps):
       ``r(k) = (I − a K)^k r(0)`` and the test outputs accumulate the same steps;
     * ``t = inf``: ``f_train = y`` and ``f_test = f_test(0) − K_*x K⁻¹ r(0)`` (kernel

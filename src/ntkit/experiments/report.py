@@ -127,8 +127,10 @@ def report(results: dict, meta: dict[str, Any]) -> str:
             "## Fig. 1: convergence of the NTK",
             "",
             "| quantity | ours | paper |", "|---|---|---|",
-            f"| analytic Θ(x0, x0) | {r['theta_x0_x0']:.4f} | {PAPER['theta_x0_x0']} (JGH setting) |",
-            f"| analytic Θ(x0, −x0) | {r['theta_x0_minus_x0']:.4f} | {PAPER['theta_x0_minus_x0']} |",
+            f"| analytic Θ(x0, x0) | {r['theta_x0_x0']:.4f} | {PAPER['theta_x0_x0']} "
+            "(JGH setting) |",
+            f"| analytic Θ(x0, −x0) | {r['theta_x0_minus_x0']:.4f} | "
+            f"{PAPER['theta_x0_minus_x0']} |",
             "",
             "Relative L2 deviation of the empirical Θ(x0, ·) on the circle from the analytic "
             "limit, mean ± standard deviation over initialisations:",
@@ -238,7 +240,8 @@ def report(results: dict, meta: dict[str, Any]) -> str:
     ]
     lines += ["## Timing", "", "| experiment | seconds |", "|---|---|"]
     reused = set(meta.get("reused", ()))
-    lines += [f"| {name} | {sec:.1f}{' (from a checkpoint of an earlier run)' if name in reused else ''} |"
+    source = {name: " (from a checkpoint of an earlier run)" for name in reused}
+    lines += [f"| {name} | {sec:.1f}{source.get(name, '')} |"
               for name, sec in meta["timings"].items()]
     lines.append("")
     return "\n".join(lines)

@@ -442,7 +442,9 @@ def _by_ntk_vp(setup: _Setup, output: str, per_param: bool, budget: int,
     feat2 = _jacobian_feature_bytes(setup)
     # One jvp per x2-side direction (b2, o') through the whole x1 block: primal and tangent
     # activations for each of the b2·O directions.
-    jvp_bytes = lambda a, b: 3.0 * a * b * o * setup.act_numel * itemsize
+    def jvp_bytes(a: int, b: int) -> float:
+        return 3.0 * a * b * o * setup.act_numel * itemsize
+
     plan = _plan(n1, n2, feat1=setup.x1[:1].numel() * setup.x1.element_size(), feat2=feat2,
                  pair=lambda a, b: jvp_bytes(a, b) + 2.0 * a * b * o * o * itemsize * n_tensors,
                  out_bytes=n1 * n2 * width * itemsize * n_tensors, budget=budget,
