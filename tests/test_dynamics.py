@@ -550,3 +550,35 @@ def test_cuda_follows_inputs():
     hist = nk.train(nk.linearize(model), X_CIRCLE, Y_CIRCLE, steps=3, learning_rate=0.5,
                     progress=False)
     assert hist.ntk.device.type == "cuda"
+
+
+def test_t_inf_uses_cholesky_for_a_safely_positive_definite_kernel(monkeypatch):
+    """t = inf on a well-conditioned K: one Cholesky factorisation, no eigendecomposition,
+    same answer as the spectral formula; a numerically singular K still reaches the
+    eigendecomposition and its error, even though its Cholesky factorisation succeeds."""
+    import ntkit.dynamics.predict as predict_module
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 5, generator=g, dtype=torch.float64)
+    y = torch.randn(60, 2, generator=g, dtype=torch.float64)
+    k = nk.mlp(3, 512, b_std=0.1).kernel(torch.cat([x, 0.5 * x[:20]]), get="ntk").ntk
+    k_train, k_test = k[:60, :60], k[60:, :60]
+    spectral = nk.predict.gradient_descent_mse(k_train, y)(1e12, k_test_train=k_test)
+
+    def no_eigh(k):
+        raise AssertionError("eigendecomposition at t = inf on a positive definite kernel")
+
+    monkeypatch.setattr(predict_module, "_eigh", no_eigh)
+    fast = nk.predict.gradient_descent_mse(k_train, y)(math.inf, k_test_train=k_test)
+    np.testing.assert_allclose(fast.test.numpy(), spectral.test.numpy(), rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(fast.train.numpy(), y.numpy(), rtol=0, atol=0)
+    monkeypatch.undo()
+
+    # λ_min = 1e-15 · λ_max, below the singular tolerance (10 · sqrt(60) · eps · λ_max ≈
+    # 1.7e-14): Cholesky succeeds on it, yet t = inf must refuse it.
+    q, _ = torch.linalg.qr(torch.randn(60, 60, generator=g, dtype=torch.float64))
+    evals = torch.logspace(0, -15, 60, dtype=torch.float64)
+    nearly_singular = (q * evals) @ q.T
+    assert int(torch.linalg.cholesky_ex(nearly_singular)[1]) == 0
+    with pytest.raises(ValueError, match="smallest eigenvalue"):
+        nk.predict.gradient_descent_mse(nearly_singular, y)(math.inf)
