@@ -254,7 +254,8 @@ def main(threads: int) -> str:
     # ---- the neural-tangents comparison, per method, float32 and float64 (O = 1)
     lines += ["", "## Against neural-tangents 0.6.5 (anchor timings, O = 1)", "",
               "ntkit times are wall times (CPU time of the structured call in brackets: with "
-              "one thread it is the work done, free of time spent descheduled); "
+              "one thread it is the work done, free of time spent descheduled; with 2 it sums both "
+              "threads, so compare wall times then); "
               "neural-tangents' "
               "are wall times on an idle machine with 2 threads.", "",
               "| w | N | dtype | ntkit structured (CPU) | NT structured | NT jacobian | NT ntk_vp | "
