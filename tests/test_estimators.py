@@ -259,6 +259,30 @@ def test_cg_solver_matches_direct(Est):
                                atol=1e-6 * np.abs(direct).max())
 
 
+def test_cg_settings_are_parameters():
+    """cg_tol, cg_max_iter and n_landmarks reach the solver: a loose tolerance stops earlier,
+    too few iterations warn, and bad values name the parameter."""
+    from sklearn.exceptions import ConvergenceWarning
+
+    X, y, Xt = _regression(n=120)
+    tight = NTKRegressor(diag_reg=1e-4, solver="cg", cg_tol=1e-10, n_landmarks=10).fit(X, y)
+    loose = NTKRegressor(diag_reg=1e-4, solver="cg", cg_tol=1e-2, n_landmarks=10).fit(X, y)
+    assert loose.n_iter_ < tight.n_iter_
+    # As many landmarks as points: the preconditioner is the exact inverse.
+    exact = NTKRegressor(diag_reg=1e-4, solver="cg", cg_tol=1e-10, n_landmarks=120).fit(X, y)
+    assert exact.n_iter_ <= 2 < tight.n_iter_
+    direct = NTKRegressor(diag_reg=1e-4).fit(X, y).predict(Xt)
+    np.testing.assert_allclose(tight.predict(Xt), direct, rtol=0,
+                               atol=1e-8 * np.abs(direct).max())
+    with pytest.warns(ConvergenceWarning, match="stopped after 1 iterations"):
+        NTKRegressor(diag_reg=1e-4, solver="cg", cg_tol=1e-12, cg_max_iter=1,
+                     n_landmarks=5).fit(X, y)
+    for name, bad in (("cg_tol", 0.0), ("cg_tol", 2.0), ("cg_max_iter", 0),
+                      ("n_landmarks", 1.5)):
+        with pytest.raises(ValueError, match=name):
+            NTKRegressor(diag_reg=1e-4, solver="cg", **{name: bad}).fit(X, y)
+
+
 def test_cg_fit_never_forms_the_train_kernel(monkeypatch):
     # Every kernel the estimator itself asks for is test-train; the train kernel is only ever
     # seen tile by tile inside ntkit.scale.solve.

@@ -47,7 +47,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 
-from .._validation import check_choice, check_nonnegative, resolve_dtype
+from .._validation import check_choice, check_nonnegative, check_positive_int, resolve_dtype
 from ..dynamics.predict import gradient_descent_mse, gradient_flow
 from ..layers.base import Layer
 from ..scale.solvers import resolve_ridge, solve
@@ -81,7 +81,8 @@ class _InfiniteNetworkBase(BaseEstimator):
                  W_std: float = 1.0, b_std: float = 0.1, parameterization: str = "ntk",
                  t: float = np.inf, diag_reg: float = 0.0,
                  diag_reg_absolute_scale: bool = False, solver: str = "direct",
-                 dtype: str = "float64", device: str | None = None):
+                 cg_tol: float | None = None, cg_max_iter: int = _CG_MAX_ITER,
+                 n_landmarks: int = 1000, dtype: str = "float64", device: str | None = None):
         self.net = net
         self.depth = depth
         self.activation = activation
@@ -92,6 +93,9 @@ class _InfiniteNetworkBase(BaseEstimator):
         self.diag_reg = diag_reg
         self.diag_reg_absolute_scale = diag_reg_absolute_scale
         self.solver = solver
+        self.cg_tol = cg_tol
+        self.cg_max_iter = cg_max_iter
+        self.n_landmarks = n_landmarks
         self.dtype = dtype
         self.device = device
 
@@ -136,6 +140,12 @@ class _InfiniteNetworkBase(BaseEstimator):
                 raise ValueError("solver='cg' needs diag_reg > 0 (its Nyström preconditioner "
                                  "and the conjugate-gradient convergence rest on the ridge), "
                                  "e.g. diag_reg=1e-6; or use solver='direct'.")
+            if self.cg_tol is not None and not (
+                    isinstance(self.cg_tol, (int, float)) and 0 < float(self.cg_tol) < 1):
+                raise ValueError(f"cg_tol must be a relative residual in (0, 1) or None (1e-8 "
+                                 f"in float64, 1e-5 in float32); got {self.cg_tol!r}.")
+            check_positive_int(self.cg_max_iter, "cg_max_iter")
+            check_positive_int(self.n_landmarks, "n_landmarks")
         self._flow = None         # the ntkit.predict flow (solver='direct', loss='mse')
         self._nngp_train = None   # computed on the first predict(..., return_std=True)
         self.n_iter_ = None
@@ -146,11 +156,12 @@ class _InfiniteNetworkBase(BaseEstimator):
         Xt, Yt = self._tensor(X), self._tensor(Y)
         self._X_train = Xt
         if self.solver == "cg":
-            tol = _CG_TOL[self._dtype]
+            tol = _CG_TOL[self._dtype] if self.cg_tol is None else float(self.cg_tol)
             result = solve(self.net_, Xt, Yt, method="cg", preconditioner="nystrom",
                            diag_reg=self.diag_reg,
                            diag_reg_absolute_scale=self.diag_reg_absolute_scale,
-                           get=self._kind, tol=tol, max_iter=_CG_MAX_ITER, dtype=self._dtype)
+                           get=self._kind, tol=tol, max_iter=int(self.cg_max_iter),
+                           n_landmarks=int(self.n_landmarks), dtype=self._dtype)
             if not result.converged:
                 warnings.warn(f"solver='cg' stopped after {result.iterations} iterations at "
                               f"relative residual {result.residual:.2e} (tolerance {tol:.0e}); "
@@ -270,6 +281,13 @@ class NTKRegressor(_InfiniteNetworkRegressor):
             conjugate gradients over tiled kernel mat-vecs, never holding the train kernel
             (for ``N`` too large for memory); needs ``diag_reg > 0`` and does not support
             ``return_std``.
+        cg_tol: relative residual at which CG stops (``solver="cg"``); ``None``: 1e-8 in
+            float64, 1e-5 in float32 (predictions are then about that accurate relative to
+            ``y``).
+        cg_max_iter: most CG iterations; a :class:`~sklearn.exceptions.ConvergenceWarning`
+            says when they ran out.
+        n_landmarks: Nyström landmarks of the CG preconditioner: more cost
+            ``O(N m + m³)`` once and save iterations.
         dtype: "float64" (default) or "float32".
         device: torch device for the kernels (e.g. "cuda"); default CPU.
 
@@ -333,11 +351,13 @@ class NTKClassifier(ClassifierMixin, _InfiniteNetworkBase):
                  W_std: float = 1.0, b_std: float = 0.1, parameterization: str = "ntk",
                  t: float = np.inf, diag_reg: float = 0.0,
                  diag_reg_absolute_scale: bool = False, kernel: str = "ntk",
-                 loss: str = "mse", solver: str = "direct", dtype: str = "float64",
-                 device: str | None = None):
+                 loss: str = "mse", solver: str = "direct", cg_tol: float | None = None,
+                 cg_max_iter: int = _CG_MAX_ITER, n_landmarks: int = 1000,
+                 dtype: str = "float64", device: str | None = None):
         super().__init__(net, depth=depth, activation=activation, W_std=W_std, b_std=b_std,
                          parameterization=parameterization, t=t, diag_reg=diag_reg,
                          diag_reg_absolute_scale=diag_reg_absolute_scale, solver=solver,
+                         cg_tol=cg_tol, cg_max_iter=cg_max_iter, n_landmarks=n_landmarks,
                          dtype=dtype, device=device)
         self.kernel = kernel
         self.loss = loss
