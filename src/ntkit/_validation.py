@@ -67,13 +67,22 @@ def as_tensor(x: Tensorish, name: str, *, dtype: torch.dtype | None = None,
     return t.to(device=device if device is not None else t.device, dtype=target)
 
 
-def check_finite(t: torch.Tensor, name: str) -> None:
-    """Raise naming the rows of ``t`` that hold NaN or infinity."""
-    if t.numel() == 0 or not t.is_floating_point():
-        return
-    # One pass, no N x d mask: min and max propagate NaN, and are infinite iff some entry is.
+def finite_max_abs(t: torch.Tensor) -> float | None:
+    """``max |t|`` if every entry is finite, else ``None``. One pass and no mask: min and max
+    propagate NaN, and are infinite iff some entry is."""
+    if t.numel() == 0:
+        return 0.0
+    if not t.is_floating_point():
+        return float(t.to(torch.float64).abs().max())
     lo, hi = torch.aminmax(t)
     if bool(torch.isfinite(lo) & torch.isfinite(hi)):
+        return max(-float(lo), float(hi))
+    return None
+
+
+def check_finite(t: torch.Tensor, name: str) -> None:
+    """Raise naming the rows of ``t`` that hold NaN or infinity."""
+    if not t.is_floating_point() or finite_max_abs(t) is not None:
         return
     finite = torch.isfinite(t)
     if not bool(finite.all()):

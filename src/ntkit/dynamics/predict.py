@@ -36,7 +36,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from .._validation import Tensorish, as_inputs, as_tensor, check_choice, check_nonnegative
+from .._validation import (Tensorish, as_inputs, as_tensor, check_choice, check_nonnegative,
+                           finite_max_abs)
 
 COSTS = ("jgh", "nt")
 
@@ -67,11 +68,10 @@ def _as_square_kernel(k: Tensorish, name: str) -> torch.Tensor:
 
 
 def _check_finite_kernel(t: torch.Tensor, name: str) -> float:
-    """Raise if ``t`` holds NaN or inf; return ``max |t|``. One pass: min and max propagate
-    NaN and are infinite iff some entry is."""
-    lo, hi = torch.aminmax(t)
-    if bool(torch.isfinite(lo) & torch.isfinite(hi)):
-        return max(-float(lo), float(hi))
+    """Raise if ``t`` holds NaN or inf; return ``max |t|``."""
+    scale = finite_max_abs(t)
+    if scale is not None:
+        return scale
     bad = (~torch.isfinite(t)).sum().item()
     raise ValueError(f"{name} has {bad} NaN or infinite entries; kernels must be finite "
                      "(check the inputs and the kernel computation).")
@@ -675,35 +675,7 @@ class EnsemblePredictor:
     kernel: str
     flow: MSEPredictor         # the flow under Θ (or K for "nngp"), regularised
     nngp_train: torch.Tensor   # K on the training inputs
-
-    # The flow's pieces, under the names this class had before it delegated to the flow.
-    @property
-    def y_train(self) -> torch.Tensor:
-        return self.flow.y_train
-
-    @property
-    def flow_train(self) -> torch.Tensor:
-        return self.flow.k_train_train
-
-    @property
-    def evals(self) -> torch.Tensor:
-        return self.flow.evals
-
-    @property
-    def evecs(self) -> torch.Tensor:
-        return self.flow.evecs
-
-    @property
-    def rate(self) -> float:
-        return self.flow.rate
-
-    @property
-    def diag_reg(self) -> float:
-        return self.flow.diag_reg
-
-    @property
-    def squeeze(self) -> bool:
-        return self.flow.squeeze
+    flow_diagonal: torch.Tensor  # diagonal of the flow's kernel before the ridge, (N,)
 
     def __call__(self, t: Any, x_test: Tensorish | None = None, *,
                  compute_cov: bool = True) -> EnsemblePrediction:
@@ -731,7 +703,12 @@ class EnsemblePredictor:
             m = xt.shape[0]
         get = ("nngp", "ntk") if (compute_cov and self.kernel == "ntk") else (self.kernel,)
         if xt is None:
-            k_flow_tx = self.flow_train if self.diag_reg == 0 else _unregularized(self)
+            # The test-train kernel on the training inputs is the kernel without the ridge,
+            # which sits on the diagonal only.
+            k_flow_tx = self.flow.k_train_train
+            if self.flow.diag_reg != 0:
+                k_flow_tx = k_flow_tx.clone()
+                k_flow_tx.diagonal().copy_(self.flow_diagonal)
             k_nngp_tx = self.nngp_train
         else:
             ks = self.kernel_fn(xt, xtr, get)
@@ -753,14 +730,7 @@ class EnsemblePredictor:
             # The prior over initialisations is the NNGP; Δ carries the training flow.
             cov = self.flow.covariance(t, k_flow_tx, k_tt.to(like), k_nngp_tx.to(like),
                                        self.nngp_train.to(like))
-        return EnsemblePrediction(_finish(mean, scalar, self.squeeze), cov)
-
-
-def _unregularized(p: EnsemblePredictor) -> torch.Tensor:
-    # The test-train kernel on training inputs is the raw kernel, not the ridge-regularised one.
-    k = p.kernel_fn(p.x_train, None, (p.kernel,))
-    n = p.x_train.shape[0]
-    return _get_kernel(k, p.kernel, (n, n), "k(x_train, x_train)")
+        return EnsemblePrediction(_finish(mean, scalar, self.flow.squeeze), cov)
 
 
 def ensemble(net_or_kernel_fn: Any, x_train: Tensorish, y_train: Tensorish, *,
@@ -813,7 +783,7 @@ def ensemble(net_or_kernel_fn: Any, x_train: Tensorish, y_train: Tensorish, *,
     rate = lr / _normalization(cost, n, y.shape[1])
     mse = MSEPredictor(flow_reg, y, lr, cost, False, reg, rate, squeeze,
                        name=f"the train-train {kernel.upper()}")
-    return EnsemblePredictor(source, xtr, kernel, mse, nngp)
+    return EnsemblePredictor(source, xtr, kernel, mse, nngp, flow.diagonal().clone())
 
 
 # -------------------------------------------------------------- general losses, ODE flow
