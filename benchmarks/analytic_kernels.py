@@ -16,12 +16,11 @@ Times (ours, the naive recursion, and the matmul/copy rates behind the floor) ar
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
 
 import torch
 
 import ntkit as nk
+from common import best_time, write_table
 
 SIZES = (1000, 2000, 4000)
 DTYPES = (torch.float32, torch.float64)
@@ -30,18 +29,6 @@ LAYERS_AFTER_GRAM = 7  # Dense, (act, Dense) x 3
 # neural-tangents 0.6.5 on this kind of machine (anchor-timings.md), ReLU MLP, ms
 NT_MS = {(1000, torch.float32): 50, (2000, torch.float32): 156, (4000, torch.float32): 780,
          (1000, torch.float64): 68, (2000, torch.float64): 258, (4000, torch.float64): 1089}
-
-
-def best_time(fn, repeats=5) -> float:
-    """Best of ``repeats`` calls after a warm-up: other jobs on the cores only ever add time,
-    so the minimum estimates the idle-machine time the anchors were measured on."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def matmul_rate(dtype) -> float:
@@ -129,8 +116,4 @@ def main() -> str:
 
 
 if __name__ == "__main__":
-    table = main()
-    out = Path(__file__).parent / "results" / "analytic_kernels.md"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(table + "\n")
-    print(table)
+    write_table("analytic_kernels", main())

@@ -34,13 +34,13 @@ from __future__ import annotations
 import gc
 import os
 import time
-from pathlib import Path
 
 import torch
 from torch.func import functional_call, jacrev, vmap
 
 import ntkit as nk
 from ntkit._validation import available_memory
+from common import write_table
 
 D = 784
 GRID = [(w, n, o) for w in (512, 2048) for n in (128, 512) for o in (1, 10)]
@@ -313,8 +313,4 @@ if __name__ == "__main__":
         threads = 1 if load >= 1.0 else (os.cpu_count() or 1)
     else:
         threads = int(args.threads)
-    table = main(threads)
-    print(table)
-    out = Path(__file__).resolve().parent / "results" / "empirical_ntk.md"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(table)
+    write_table("empirical_ntk", main(threads))

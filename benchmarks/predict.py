@@ -22,13 +22,12 @@ Run: ``python benchmarks/predict.py`` (under a minute). Writes
 from __future__ import annotations
 
 import math
-import time
-from pathlib import Path
 
 import torch
 
 import ntkit as nk
 from analytic_kernels import naive_relu_kernel
+from common import best_time, write_table
 
 N_TRAIN, N_TEST, D = 2000, 1000, 784
 # neural-tangents 0.6.5, same workload and machine kind (anchor-timings.md), ms
@@ -36,16 +35,6 @@ NT_MS = {("inf", torch.float32): 427, ("inf", torch.float64): 453,
          ("cached", torch.float32): 109, ("cached", torch.float64): 113,
          ("t10", torch.float32): 654, ("t10", torch.float64): 1030}
 NAIVE_ANCHOR_MS = {torch.float32: 283, torch.float64: 627}
-
-
-def best_time(fn, repeats: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> str:
@@ -117,8 +106,4 @@ def main() -> str:
 
 
 if __name__ == "__main__":
-    table = main()
-    out = Path(__file__).parent / "results" / "predict.md"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(table + "\n")
-    print(table)
+    write_table("predict", main())

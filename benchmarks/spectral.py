@@ -7,7 +7,6 @@ Run: ``python benchmarks/spectral.py``; writes ``benchmarks/results/spectral.md`
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,6 +14,7 @@ import torch
 import ntkit as nk
 from ntkit import spectral
 from ntkit.datasets import load_mnist
+from common import write_table
 
 
 def main(n: int = 10_000, k: int = 3) -> str:
@@ -52,8 +52,4 @@ def main(n: int = 10_000, k: int = 3) -> str:
 
 
 if __name__ == "__main__":
-    table = main()
-    out = Path(__file__).parent / "results" / "spectral.md"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(table + "\n")
-    print(table)
+    write_table("spectral", main())
