@@ -196,13 +196,21 @@ class _InfiniteNetworkBase(BaseEstimator):
         std = torch.empty(Xt.shape[0], dtype=self._dtype, device=Xt.device) \
             if return_std else None
         for rows in tile_slices(Xt.shape[0], max(1, _PREDICT_BLOCK // n_train)):
-            k_test_train = self._kernel(Xt[rows], self._X_train, self._kind)
+            if return_std and self._kind == "ntk":
+                # One pass of the layer recursion yields both kernels.
+                both = self.net_.kernel(Xt[rows], self._X_train, get=("nngp", "ntk"),
+                                        dtype=self._dtype)
+                k_test_train, nngp_test_train = both.ntk, both.nngp
+            else:
+                k_test_train = self._kernel(Xt[rows], self._X_train, self._kind)
+                nngp_test_train = k_test_train  # used only when the kind is "nngp"
             mean[rows] = k_test_train @ self._coef
             if return_std:
-                std[rows] = self._std(Xt[rows], k_test_train)
+                std[rows] = self._std(Xt[rows], k_test_train, nngp_test_train)
         return mean, std
 
-    def _std(self, Xt: torch.Tensor, k_test_train: torch.Tensor) -> torch.Tensor:
+    def _std(self, Xt: torch.Tensor, k_test_train: torch.Tensor,
+             nngp_test_train: torch.Tensor) -> torch.Tensor:
         """Ensemble standard deviation of ``f_t(x)``, shape ``(n,)``."""
         if self._nngp_train is None:
             if self._kind == "nngp":  # the flow's regularised kernel is that very matrix
@@ -212,8 +220,6 @@ class _InfiniteNetworkBase(BaseEstimator):
                 K.diagonal().add_(resolve_ridge(self.diag_reg, K.diagonal(),
                                                 self.diag_reg_absolute_scale))
                 self._nngp_train = K
-        nngp_test_train = k_test_train if self._kind == "nngp" else \
-            self._kernel(Xt, self._X_train, "nngp")
         var = self._flow.covariance(self._t, k_test_train, self._kernel_diag(Xt, "nngp"),
                                     nngp_test_train, self._nngp_train)
         return var.clamp(min=0).sqrt()
