@@ -1,0 +1,153 @@
+"""Runs neural-tangents jobs for the benchmarks; executed by the neural-tangents interpreter
+(its own virtual environment), never imported by ntkit.
+
+Usage: ``python _nt_driver.py DIR`` reads ``DIR/jobs.json`` ({"jobs": [...], "x64": bool,
+"threads": int}) and the input arrays ``DIR/<name>.npy``, and writes ``DIR/results.json``
+(one dict per job: ``first`` = the first call in seconds, which includes jit compilation;
+``median``, ``best``, ``times`` of ``repeats`` further calls; ``cpu_median`` = median process
+CPU seconds of those calls; ``mode``) and ``DIR/out<i>.npy`` (the slice of job i's output used
+for the numerical cross-check). ``python _nt_driver.py --versions`` prints the versions.
+
+Threads: with ``threads`` = 1 XLA's CPU backend is told to run single-threaded
+(``--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1``); otherwise the process
+is pinned to ``threads`` of the CPUs it may use, from which XLA sizes its thread pool. Both
+happen before jax is imported.
+
+Jobs (``kind``):
+* ``analytic``: ``x`` (array name), ``act`` (relu|erf), ``width``, ``depth`` — the MLP
+  Dense(W_std=1, b_std=0.1) -> act, (depth - 1) times, then Dense; ``jit(kernel_fn)(x, None,
+  ("nngp", "ntk"))``; out = both kernels' first ``check_rows`` rows.
+* ``empirical``: ``x``, ``params`` (prefix of arrays W0, b0, W1, ...; W as (in, out)), ``out_dim``,
+  ``impl`` (1 jacobian, 2 ntk-vector products, 3 structured); ``jit(empirical_ntk_fn(apply_fn,
+  vmap_axes=0, implementation=impl))(x, None, params)``; out = the first ``check_rows`` rows.
+* ``predict``: ``x_train``, ``x_test``, ``y``, ``t`` (null = infinity), ``cached`` (bool),
+  ``x_new``. Not cached: one jitted function builds ``gradient_descent_mse_ensemble`` from
+  scratch and predicts the NTK mean on ``x_test``. Cached: the ensemble predictor is built once
+  and called on ``x_test`` (filling its train-kernel and factorisation caches), then timed on
+  ``x_new`` (only the test-train kernel and a product with the cached solve remain).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+
+def _configure_threads(threads: int) -> None:
+    if threads == 1:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   " --xla_cpu_multi_thread_eigen=false"
+                                   " intra_op_parallelism_threads=1").strip()
+    else:
+        cpus = sorted(os.sched_getaffinity(0))
+        if threads < len(cpus):
+            os.sched_setaffinity(0, cpus[:threads])
+
+
+def _mlp(stax, width: int, depth: int, act: str, out_dim: int):
+    act_layer = {"relu": stax.Relu, "erf": stax.Erf}[act]
+    layers = []
+    for _ in range(depth - 1):
+        layers += [stax.Dense(width, W_std=1.0, b_std=0.1), act_layer()]
+    layers.append(stax.Dense(out_dim, W_std=1.0, b_std=0.1))
+    return stax.serial(*layers)
+
+
+def _time(call, repeats: int, block):
+    start = time.perf_counter()
+    out = block(call())
+    first = time.perf_counter() - start
+    times, cpus = [], []
+    for _ in range(repeats):
+        start, cpu = time.perf_counter(), time.process_time()
+        block(call())
+        times.append(time.perf_counter() - start)
+        cpus.append(time.process_time() - cpu)
+    return out, {"first": first, "median": statistics.median(times), "best": min(times),
+                 "times": times, "cpu_median": statistics.median(cpus)}
+
+
+def main(directory: Path) -> None:
+    spec = json.loads((directory / "jobs.json").read_text())
+    _configure_threads(int(spec["threads"]))
+    import jax
+
+    if spec["x64"]:
+        jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+    import numpy as np
+    import neural_tangents as nt
+    from neural_tangents import stax
+
+    def load(name):
+        return jnp.asarray(np.load(directory / f"{name}.npy"))
+
+    def block(tree):
+        return jax.block_until_ready(tree)
+
+    results = []
+    for i, job in enumerate(spec["jobs"]):
+        kind, repeats, rows = job["kind"], int(job.get("repeats", 5)), job.get("check_rows", 0)
+        mode = "jit"
+        if kind == "analytic":
+            x = load(job["x"])
+            _, _, kernel_fn = _mlp(stax, job.get("width", 512), job.get("depth", 4), job["act"], 1)
+            fn = jax.jit(kernel_fn, static_argnames="get")
+            out, res = _time(lambda: fn(x, None, ("nngp", "ntk")), repeats, block)
+            check = np.stack([np.asarray(out[0][:rows]), np.asarray(out[1][:rows])])
+        elif kind == "empirical":
+            x = load(job["x"])
+            _, apply_fn, _ = _mlp(stax, job["width"], 4, "relu", job["out_dim"])
+            params = []
+            for layer in range(4):
+                params.append((load(f"{job['params']}W{layer}"), load(f"{job['params']}b{layer}")))
+                if layer < 3:
+                    params.append(())
+            impl = nt.NtkImplementation(job["impl"])
+            ntk_fn = jax.jit(nt.empirical_ntk_fn(apply_fn, vmap_axes=0, implementation=impl))
+            out, res = _time(lambda: ntk_fn(x, None, params), repeats, block)
+            check = np.asarray(out[:rows])
+        elif kind == "predict":
+            x_train, x_test, y = load(job["x_train"]), load(job["x_test"]), load(job["y"])
+            t = job["t"]
+            _, _, kernel_fn = _mlp(stax, 512, 4, "relu", 1)
+            if job.get("cached"):
+                mode = "eager predictor, jitted kernel_fn"
+                x_new = load(job["x_new"])
+                predict_fn = nt.predict.gradient_descent_mse_ensemble(
+                    jax.jit(kernel_fn, static_argnames="get"), x_train, y)
+                block(predict_fn(t=t, x_test=x_test, get="ntk"))  # fills the caches
+                out, res = _time(lambda: predict_fn(t=t, x_test=x_new, get="ntk"), repeats,
+                                 block)
+            else:
+                def full(x_train, x_test, y):
+                    predict_fn = nt.predict.gradient_descent_mse_ensemble(kernel_fn, x_train, y)
+                    return predict_fn(t=t, x_test=x_test, get="ntk")
+
+                jitted = jax.jit(full)
+                out, res = _time(lambda: jitted(x_train, x_test, y), repeats, block)
+            check = np.asarray(out)
+        else:
+            raise ValueError(f"unknown job kind {kind!r}")
+        res["mode"] = mode
+        np.save(directory / f"out{i}.npy", check)
+        results.append(res)
+        print(f"job {i} ({kind}): median {res['median']:.4f} s, first {res['first']:.2f} s",
+              file=sys.stderr, flush=True)
+    (directory / "results.json").write_text(json.dumps(results))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--versions"]:
+        import jax
+        import jaxlib
+        import neural_tangents
+
+        print(f"neural-tangents {neural_tangents.__version__}, jax {jax.__version__}, "
+              f"jaxlib {jaxlib.__version__}")
+    else:
+        main(Path(sys.argv[1]))
