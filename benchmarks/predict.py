@@ -1,61 +1,74 @@
-"""Closed-form MSE prediction of an infinitely wide network: ntkit vs neural-tangents.
+"""Closed-form MSE prediction of an infinitely wide network: ntkit vs neural-tangents, side by
+side, and a naive torch baseline.
 
 Workload (as in shared/reference/anchor-timings.md, "Closed-form prediction"): the depth-4
-ReLU MLP (W_std=1, b_std=0.1), N_train = 2000 and N_test = 1000 inputs of dim 784 (uniform),
-one output, the mean prediction only:
+ReLU MLP (W_std=1, b_std=0.1), N_train = 2000 and N_test = 1000 inputs of dim 784 (uniform on
+[0, 1), numpy seed 0, the same arrays on both sides), one output, the NTK mean prediction only:
 
-* t = inf: both kernels (train-train NTK, test-train NTK), then the solve
-  (``nk.predict.gradient_descent_mse(K, y)(inf, k_test_train=...)``: one Cholesky
-  factorisation, no eigendecomposition, when K is safely positive definite);
+* t = inf: both kernels (train-train, test-train), then the solve. ntkit:
+  ``nk.predict.gradient_descent_mse(K, y)(inf, k_test_train=...)`` (one Cholesky when K is
+  safely positive definite); neural-tangents: ``gradient_descent_mse_ensemble(kernel_fn,
+  x_train, y)(t=None, x_test=..., get="ntk")``, the whole function under ``jax.jit``;
 * t = inf, train factorisation cached: a new test set against a fitted predictor (its
-  test-train kernel and one product with the cached dual coefficients);
+  test-train kernel and a product with the cached solve). neural-tangents: the same ensemble
+  predictor, built once and called once (which fills its caches), then timed on the new set;
 * t = 10: both kernels and the eigendecomposition that serves every t.
 
-The in-process baseline is what a PyTorch user writes today: the whole-array ReLU recursion
-on the 3000 stacked inputs, then ``torch.linalg.cholesky`` and ``cholesky_solve``.
+The naive baseline is what a PyTorch user writes today: the whole-array ReLU recursion for the
+train-train block and for the test-train block only (never the test-test block), then
+``torch.linalg.cholesky`` and ``cholesky_solve``.
 
-Times are the best of 5 calls after a warm-up (other jobs on the cores only ever add time).
-Run: ``python benchmarks/predict.py`` (under a minute). Writes
-``benchmarks/results/predict.md``.
+Times: median and best of ``--repeats`` calls after a warm-up on both sides, the same number
+of threads on both sides; neural-tangents' jit compilation is excluded and reported
+separately. Every workload checks ntkit's prediction against neural-tangents' (max relative
+difference in the table) and the t = inf one against the naive baseline.
+
+Run: ``python benchmarks/predict.py`` (about 2 minutes); ``--quick`` for 400 / 200 points.
+Writes ``benchmarks/results/predict.md`` (``--quick`` writes nothing).
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 
+import numpy as np
 import torch
 
 import ntkit as nk
 from analytic_kernels import naive_relu_kernel
-from common import best_time, write_table
+from common import (NT, add_common_args, max_rel_diff, nt_timing, ratio, set_threads, stamp,
+                    timing, write_table)
 
-N_TRAIN, N_TEST, D = 2000, 1000, 784
-# neural-tangents 0.6.5, same workload and machine kind (anchor-timings.md), ms
-NT_MS = {("inf", torch.float32): 427, ("inf", torch.float64): 453,
-         ("cached", torch.float32): 109, ("cached", torch.float64): 113,
-         ("t10", torch.float32): 654, ("t10", torch.float64): 1030}
-NAIVE_ANCHOR_MS = {torch.float32: 283, torch.float64: 627}
+D = 784
+WORKLOADS = (("t = inf: kernels + solve", "inf"),
+             ("t = inf, train factorisation cached", "cached"),
+             ("t = 10: kernels + eigendecomposition", "t10"))
 
 
-def main() -> str:
+def main(n_train: int, n_test: int, repeats: int, threads: int, shared: bool) -> str:
+    set_threads(threads)
+    nt = NT(threads)
     net = nk.mlp(4, 512, "relu", W_std=1.0, b_std=0.1)
-    lines = [
-        "# Closed-form MSE prediction: N_train = 2000, N_test = 1000, depth-4 ReLU NTK",
-        "",
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; best of 5 calls. "
-        "neural-tangents: the anchors in shared/reference/anchor-timings.md (jax is not "
-        "installed here).",
-        "",
-        "| workload | dtype | ntkit ms | neural-tangents ms (anchor) | NT / ntkit "
-        "| naive torch ms (this run) | naive / ntkit |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    g = torch.Generator().manual_seed(0)
+    rng = np.random.default_rng(0)
+    base = {"x_train": rng.random((n_train, D)), "x_test": rng.random((n_test, D)),
+            "x_new": rng.random((n_test, D)), "y": rng.standard_normal((n_train, 1))}
+    rows = []
     for dtype in (torch.float32, torch.float64):
-        x_train = torch.rand(N_TRAIN, D, generator=g).to(dtype)
-        x_test = torch.rand(N_TEST, D, generator=g).to(dtype)
-        x_new = torch.rand(N_TEST, D, generator=g).to(dtype)
-        y = torch.randn(N_TRAIN, 1, generator=g).to(dtype)
+        np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+        arrays = {k: v.astype(np_dtype) for k, v in base.items()}
+        x_train, x_test, x_new, y = (torch.from_numpy(arrays[k])
+                                     for k in ("x_train", "x_test", "x_new", "y"))
+
+        nt_res = {}
+        if nt.available:
+            jobs = [{"kind": "predict", "x_train": "x_train", "x_test": "x_test", "y": "y",
+                     "x_new": "x_new", "t": None if key != "t10" else 10.0,
+                     "cached": key == "cached", "repeats": repeats} for _, key in WORKLOADS]
+            for (_, key), res in zip(WORKLOADS, nt.run(jobs, arrays,
+                                                       x64=dtype == torch.float64)):
+                nt_res[key] = res
+                print("NT", key, dtype, f"{res['median'] * 1e3:.1f} ms", flush=True)
 
         def predict(t: float, x_train=x_train, x_test=x_test, y=y, dtype=dtype):
             k_train = net.kernel(x_train, get="ntk", dtype=dtype).ntk
@@ -70,40 +83,70 @@ def main() -> str:
             return net.kernel(x_new, x_train, get="ntk", dtype=dtype).ntk @ alpha
 
         def naive(x_train=x_train, x_test=x_test, y=y):
-            _, ntk = naive_relu_kernel(torch.cat([x_train, x_test]))
-            factor = torch.linalg.cholesky(ntk[:N_TRAIN, :N_TRAIN])
-            return ntk[N_TRAIN:, :N_TRAIN] @ torch.cholesky_solve(y, factor)
+            _, k_train = naive_relu_kernel(x_train)
+            _, k_test = naive_relu_kernel(x_test, x_train)
+            factor = torch.linalg.cholesky(k_train)
+            return k_test @ torch.cholesky_solve(y, factor)
 
-        # The three answers agree (the naive recursion has the same b_std = 0.1).
-        reference = naive()
-        ours = predict(math.inf)
-        rel = float((ours - reference).norm() / reference.norm())
-        # float32: the solve amplifies rounding by cond(K) ~ 1e4, so agreement is ~1e-3.
-        assert rel < (1e-2 if dtype == torch.float32 else 1e-8), rel
-        assert torch.allclose(cached(), fitted(math.inf, k_test_train=net.kernel(
-            x_new, x_train, get="ntk", dtype=dtype).ntk).test, rtol=1e-5, atol=1e-6)
+        answers = {"inf": predict(math.inf), "cached": cached(), "t10": predict(10.0)}
+        # float32: the solve amplifies kernel rounding by cond(K) ~ 1e4, so two correct
+        # float32 answers agree only to ~1e-3; float64 leaves ~1e-12.
+        naive_diff = max_rel_diff(answers["inf"].numpy(), naive().numpy())
+        assert naive_diff < (1e-2 if dtype == torch.float32 else 1e-8), naive_diff
+        naive_t = timing(naive, repeats)
+        for label, key in WORKLOADS:
+            fn = {"inf": lambda: predict(math.inf), "cached": cached,
+                  "t10": lambda: predict(10.0)}[key]
+            ours = timing(fn, repeats)
+            res = nt_res.get(key)
+            if res is not None:
+                theirs = nt_timing(res)
+                diff = max_rel_diff(answers[key].numpy(), res["out"].reshape(-1, 1))
+                compile_s = ("compiled earlier" if key == "cached"
+                             else f"{res['first'] - theirs.median:.2f}")
+                nt_cells = (f"{theirs.ms()} | {compile_s} | "
+                            f"{ratio(theirs, ours)} | {diff:.1e}")
+            else:
+                nt_cells = "- | - | - | -"
+            naive_cells = (f"{naive_t.ms()} | {ratio(naive_t, ours)} | {naive_diff:.1e}"
+                           if key == "inf" else "- | - | -")
+            rows.append(f"| {label} | {str(dtype).split('.')[-1]} | {ours.ms()} | {nt_cells} | "
+                        f"{naive_cells} |")
+            print(rows[-1], flush=True)
 
-        naive_ms = best_time(naive) * 1e3
-        for label, key, fn in (("t = inf: kernels + solve", "inf", lambda: predict(math.inf)),
-                               ("t = inf, train factorisation cached", "cached", cached),
-                               ("t = 10: kernels + eigendecomposition", "t10",
-                                lambda: predict(10.0))):
-            ms = best_time(fn) * 1e3
-            nt = NT_MS[(key, dtype)]
-            naive_cols = (f"{naive_ms:.0f} | {naive_ms / ms:.1f}x" if key == "inf"
-                          else "- | -")
-            lines.append(f"| {label} | {str(dtype).split('.')[-1]} | {ms:.0f} | {nt} | "
-                         f"{nt / ms:.1f}x | {naive_cols} |")
-            print(lines[-1], flush=True)
-    lines += [
+    lines = [
+        f"# Closed-form MSE prediction: N_train = {n_train}, N_test = {n_test}, depth-4 ReLU "
+        "NTK, mean only",
         "",
-        "The naive column computes the 3000 x 3000 joint kernel with the whole-array recursion "
-        "and solves by Cholesky (the anchors measured it at "
-        f"{NAIVE_ANCHOR_MS[torch.float32]} / {NAIVE_ANCHOR_MS[torch.float64]} ms in float32 / "
-        "float64). Each run checks that ntkit's t = inf answer equals the naive one.",
+        stamp(threads, nt, shared),
+        "",
+        f"Times in ms as median / best of {repeats} calls after a warm-up; neural-tangents run "
+        "in this run on the same arrays, its jit compilation excluded (own column: first call "
+        "minus median call).",
+        "",
+        "| workload | dtype | ntkit ms | neural-tangents ms | NT jit compile s "
+        "| NT / ntkit (median / best) | max rel. diff vs NT | naive torch ms "
+        "| naive / ntkit (median / best) | max rel. diff vs naive |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        "neural-tangents: t = inf and t = 10 jit the whole predictor (build the ensemble, both "
+        "kernels, the solve or eigendecomposition); the cached row calls an ensemble predictor "
+        "built once with a jitted kernel_fn (its train kernel and factorisation cached after "
+        "the first call). The naive baseline computes only the train-train and test-train "
+        "blocks with the whole-array recursion and solves by Cholesky. float32 differences of "
+        "~1e-3 are the solve amplifying kernel rounding by cond(K) ~ 1e4.",
     ]
+    if not nt.available:
+        lines += ["", nt.note]
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    write_table("predict", main())
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(parser, "N_train = 400, N_test = 200, 3 repeats; writes no table")
+    args = parser.parse_args()
+    if args.quick:
+        print(main(400, 200, min(args.repeats, 3), args.threads, args.shared))
+    else:
+        write_table("predict", main(2000, 1000, args.repeats, args.threads, args.shared))
