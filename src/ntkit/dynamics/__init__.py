@@ -1,11 +1,15 @@
-"""Training dynamics: closed-form kernel gradient flow/descent, infinite ensembles,
-linearized networks, and real training with NTK tracking (JGH §I.3, §IV)."""
+"""Training dynamics: linearized networks and real training with NTK tracking (JGH §I.3).
 
-from . import predict
+The closed-form predictions (kernel gradient flow/descent, infinite ensembles, GP inference)
+live in :mod:`ntkit.predict`; their names are re-exported here for compatibility, and
+``ntkit.dynamics.predict`` is a deprecated alias of ``ntkit.predict``.
+"""
+
+from . import predict  # deprecated alias of ntkit.predict
+from ..predict import (EnsemblePrediction, EnsemblePredictor, FlowCoefficients, FlowPredictor,
+                       GPPosterior, MSEPredictor, Prediction, ensemble, gp_inference,
+                       gradient_descent_mse, gradient_flow, max_learning_rate)
 from .linearize import LinearizedModule, linearize
-from .predict import (EnsemblePrediction, EnsemblePredictor, FlowCoefficients, FlowPredictor,
-                      GPPosterior, MSEPredictor, Prediction, ensemble, gp_inference,
-                      gradient_descent_mse, gradient_flow, max_learning_rate)
 from .train import TrainHistory, train
 
 __all__ = ["EnsemblePrediction", "EnsemblePredictor", "FlowCoefficients", "FlowPredictor",

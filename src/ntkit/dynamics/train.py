@@ -11,7 +11,7 @@ from torch import nn
 
 from .._validation import (Tensorish, as_tensor, check_choice, check_nonnegative,
                            check_positive_int)
-from .predict import COSTS
+from ..predict import COSTS
 
 __all__ = ["TrainHistory", "train"]
 
