@@ -34,7 +34,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._validation import as_inputs, check_choice, check_positive_int, resolve_dtype
+from .._validation import (
+    _describe_rows,
+    as_inputs,
+    check_choice,
+    check_positive_int,
+    resolve_dtype,
+)
 from ..layers.base import Layer
 from .tiled import KERNEL_CHOICES, check_net
 
@@ -51,15 +57,32 @@ def _kernel_block(x1: np.ndarray, x2: np.ndarray, net: Layer, get: str,
     return net.kernel(t1, t2, get=get, dtype=dtype)[get].numpy()
 
 
+def _finite_block(block: np.ndarray, arg_name: str, block_info: dict | None = None) -> np.ndarray:
+    """``block`` unchanged if finite; else raise naming ``name`` and the *global* rows.
+
+    The kernel blocks would catch a NaN too, but under the kernel's own argument names and
+    with block-local rows (a NaN in row 13 of X1 read as "x2 ... rows [5]").
+    """
+    finite = np.isfinite(block)
+    if finite.all():
+        return block
+    offset = block_info[0]["array-location"][0][0] if block_info else 0
+    bad = np.nonzero(~finite.reshape(block.shape[0], -1).all(axis=1))[0] + offset
+    raise ValueError(f"{arg_name} contains NaN or infinite values in rows "
+                     f"[{_describe_rows(torch.from_numpy(bad))}]; remove or impute them before "
+                     "computing kernels.")
+
+
 def _as_dask_inputs(X: Any, name: str, chunks: int, dtype: torch.dtype):
     import dask.array as da
 
     if isinstance(X, da.Array):
         if X.ndim != 2:
             raise ValueError(f"{name} must have shape (N, d); got shape {X.shape}.")
-        # Finite values are checked on the workers' blocks by net.kernel itself.
-        return X.astype(np.float64 if dtype == torch.float64 else np.float32).rechunk(
+        # Checked lazily, block by block on the workers (the data need not fit here).
+        x = X.astype(np.float64 if dtype == torch.float64 else np.float32).rechunk(
             (chunks, -1))
+        return x.map_blocks(_finite_block, arg_name=name, dtype=x.dtype, meta=x._meta)
     t = as_inputs(X, name, dtype=dtype)
     return da.from_array(t.detach().cpu().numpy(), chunks=(chunks, -1), name=False)
 
