@@ -28,6 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 @parametrize_with_checks([NTKRegressor(), NNGPRegressor(), NTKRegressor(t=50.0, diag_reg=1e-3),
                           NTKRegressor(solver="cg", diag_reg=1e-3),
+                          NTKRegressor(parameterization="standard", width=64),
                           NTKClassifier(), NTKClassifier(kernel="nngp", diag_reg=1e-4),
                           NTKClassifier(loss="cross_entropy", t=20.0),
                           NTKClassifier(solver="cg", diag_reg=1e-3)])
@@ -95,6 +96,50 @@ def test_ntk_ensemble_std_is_the_variance_of_the_linearised_flow(t):
     np.testing.assert_allclose(mean, theta_t @ T @ y, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("t", [5.0, np.inf])
+@pytest.mark.parametrize("absolute", [False, True])
+def test_ntk_ensemble_std_with_a_ridge_has_the_ridge_in_the_nngp_prior(t, absolute):
+    """The convention (module docstring of ntkit.estimators): with a ridge the flow runs
+    under Θ_reg = Θ + λ_Θ I, and the ridge is observation noise on the training outputs, so
+    the prior covariance of the initial training outputs is K_reg = K + λ_K I, where K is
+    the NNGP and λ_K resolves the same diag_reg on K's own diagonal (diag_reg · mean diag K,
+    or diag_reg itself when absolute). With ε ~ N(0, λ_K I) independent of f_0,
+
+        f_t(x) − E f_t(x) = f_0(x) − Θ_*x T (f_0(X) + ε),  T = Θ_reg⁻¹ (I − e^{−Θ_reg t/N}),
+
+    a quadratic form in the joint covariance [[K_**, K_*x], [K_x*, K_reg]]; at t = inf,
+    Var = K_** − 2 Θ_*x Θ_reg⁻¹ K_x* + Θ_*x Θ_reg⁻¹ K_reg Θ_reg⁻¹ Θ_x*. (For the NNGP
+    flow at t = inf this is the GP posterior with noise λ_K, tested below.)"""
+    X, y, Xt = _regression(n=40, n_test=15)
+    n, m = len(X), len(Xt)
+    diag_reg = 1e-2
+    theta, theta_t, _ = _kernels(X, Xt, "ntk")
+    joint = NET.kernel(np.vstack([Xt, X]), get="nngp").nngp.numpy()
+    K = joint[m:, m:]
+    lam_theta = diag_reg if absolute else diag_reg * np.trace(theta) / n
+    lam_k = diag_reg if absolute else diag_reg * np.trace(K) / n
+    theta_reg = theta + lam_theta * np.eye(n)
+    T = (np.linalg.inv(theta_reg) if np.isinf(t) else np.linalg.solve(
+        theta_reg, np.eye(n) - scipy.linalg.expm(-theta_reg * t / n)))
+    M = np.hstack([np.eye(m), -theta_t @ T])  # f_t(x) - mean = M (f_0(x), f_0(X) + ε)
+    prior = joint.copy()
+    prior[m:, m:] += lam_k * np.eye(n)
+    expected = np.sqrt(np.einsum("ij,jk,ik->i", M, prior, M))
+    model = NTKRegressor(t=t, diag_reg=diag_reg, diag_reg_absolute_scale=absolute).fit(X, y)
+    assert model.ridge_ == pytest.approx(lam_theta, rel=1e-13)
+    mean, std = model.predict(Xt, return_std=True)
+    np.testing.assert_allclose(mean, theta_t @ T @ y, rtol=1e-9, atol=1e-12)
+    # The ridge keeps Θ_reg well conditioned (cond < 400 here) and the variance is at least
+    # K_** / 100, so rounding moves it by about cond · eps · 100 ≈ 1e-11 relative (measured:
+    # 2e-14).
+    rtol = 1e-10
+    np.testing.assert_allclose(std, expected, rtol=rtol, atol=0)
+    # The test has power: without its ridge the prior gives a std off by more than 1000x the
+    # tolerance (measured: 6e-4 relative at t = 5, 0.2 at t = inf).
+    without = np.sqrt(np.einsum("ij,jk,ik->i", M, joint, M))
+    assert np.abs(without / expected - 1).max() > 1e3 * rtol
+
+
 def test_nngp_std_is_the_gp_posterior_and_vanishes_on_training_points():
     X, y, Xt = _regression(n=40, n_test=15)
     K, Kt, Ktt = _kernels(X, Xt, "nngp")
@@ -134,6 +179,72 @@ def test_pipeline_and_grid_search():
     np.testing.assert_allclose(model.predict(Xt), custom.kernel(Xt, X, get="ntk").ntk.numpy() @
                                np.linalg.solve(custom.kernel(X, get="ntk").ntk.numpy(), y),
                                rtol=1e-8, atol=1e-10)
+
+
+def test_standard_parameterization_uses_the_declared_width():
+    """The standard-parameterised NTK grows with the hidden width (each Dense after a hidden
+    layer adds width · Σ), so the estimator's width must reach the network: its kernel is
+    nk.mlp(depth, width, parameterization="standard")'s, and the prediction follows it."""
+    X, y, Xt = _regression(n=40)
+    kernels = {}
+    for width in (64, 1024):
+        model = NTKRegressor(parameterization="standard", width=width, diag_reg=1e-2).fit(X, y)
+        ref = nk.mlp(3, width, b_std=0.1, parameterization="standard")
+        K = ref.kernel(X, get="ntk").ntk.numpy()
+        np.testing.assert_array_equal(model.net_.kernel(X, get="ntk").ntk.numpy(), K)
+        lam = 1e-2 * np.trace(K) / len(K)
+        expected = (ref.kernel(Xt, X, get="ntk").ntk.numpy()
+                    @ scipy.linalg.solve(K + lam * np.eye(len(K)), y, assume_a="pos"))
+        np.testing.assert_allclose(model.predict(Xt), expected, rtol=1e-9, atol=1e-12)
+        kernels[width] = K
+    # 16x the width: the hidden-layer weight terms grow 16-fold.
+    assert np.abs(kernels[1024] / kernels[64]).min() > 5
+    # The NTK parameterisation does not depend on the width.
+    np.testing.assert_array_equal(NTKRegressor(width=64).fit(X, y).predict(Xt),
+                                  NTKRegressor(width=1024).fit(X, y).predict(Xt))
+    for bad in (0, 2.5, "512", True):
+        with pytest.raises(ValueError, match=f"width must be an integer >= 1; got {bad!r}"):
+            NTKRegressor(parameterization="standard", width=bad).fit(X, y)
+
+
+def test_indefinite_train_kernel_error_names_the_input_scale(monkeypatch):
+    """Raw 0-255 features with a smooth activation can make the train kernel indefinite
+    (quadrature error at huge pre-activation variances). The error must point at the input
+    scale and the remedy, not only at how the kernel was computed. The failure is made
+    deterministic by negating one eigenvalue of the train kernel."""
+    from ntkit.estimators import kernel_machines
+
+    def indefinite(net, X1, X2=None, **kwargs):
+        k = nk.scale.kernel_matrix(net, X1, X2, **kwargs)
+        if X2 is None:
+            evals, evecs = np.linalg.eigh(k.numpy())
+            evals[0] = -0.5 * evals[-1]
+            k = k.new_tensor((evecs * evals) @ evecs.T)
+        return k
+
+    monkeypatch.setattr(kernel_machines, "kernel_matrix", indefinite)
+    gen = np.random.default_rng(0)
+    pixels = gen.integers(0, 256, size=(30, 8)).astype(float)
+    pixels[:, 5] = 255.0  # the largest scale, 255, sits in column 5
+    y = gen.standard_normal(30)
+    with pytest.raises(ValueError, match=r"not positive semi-definite.*The largest feature "
+                       r"scale \(root mean square over the 30 training rows\) is 255, in "
+                       r"column 5\..*standardise the inputs, e\.g\. "
+                       r"make_pipeline\(StandardScaler\(\), estimator\)"):
+        NTKRegressor(activation="tanh").fit(pixels, y)
+    with pytest.raises(ValueError, match="not positive semi-definite.*StandardScaler"):
+        NTKClassifier(activation="tanh").fit(pixels, y > 0)
+    # The cross-entropy flow has no t = inf solve and so no PSD check; a non-finite train
+    # kernel (overflow at a huge input scale) gets the same hint there.
+    monkeypatch.setattr(kernel_machines, "kernel_matrix",
+                        lambda *a, **kw: indefinite(*a, **kw) * np.inf)
+    with pytest.raises(ValueError, match="NaN or infinite.*is 255, in column 5.*StandardScaler"):
+        NTKClassifier(activation="tanh", loss="cross_entropy", t=10.0).fit(pixels, y > 0)
+    monkeypatch.setattr(kernel_machines, "kernel_matrix", indefinite)
+    # Standardised features: the scale is named, but standardising is not the remedy.
+    scaled = StandardScaler().fit_transform(pixels[:, :5])
+    with pytest.raises(ValueError, match=r"is 1, in column \d\.$"):
+        NTKRegressor(activation="tanh").fit(scaled, y)
 
 
 def _classification(n=90, n_test=30, seed=0):
@@ -225,7 +336,7 @@ def test_bad_input_raises_sklearn_style_errors(Est):
         Est(diag_reg=-1.0).fit(X, y)
     with pytest.raises(ValueError, match="t must be"):
         Est(t=-2.0).fit(X, y)
-    with pytest.raises(ValueError, match="activation|relu"):
+    with pytest.raises(ValueError, match="Unknown activation 'no-such-activation'; use one of"):
         Est(activation="no-such-activation").fit(X, y)
     with pytest.raises(ValueError, match="net must be"):
         Est(net="relu").fit(X, y)
@@ -233,7 +344,7 @@ def test_bad_input_raises_sklearn_style_errors(Est):
 
 def test_finite_time_agrees_with_the_dynamics_module():
     # The estimators and nk.predict must share conventions (JGH cost, relative diag_reg).
-    predict = pytest.importorskip("ntkit.predict")
+    predict = nk.predict
     X, y, Xt = _regression()
     K, Kt, _ = _kernels(X, Xt, "ntk")
     for t in (2.0, 50.0):

@@ -183,6 +183,7 @@ def test_partial_converse_quadratic_is_singular_others_positive():
         assert mins[name] > 1e-12, mins
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("method", ["eigh", "lanczos", "power"])
 def test_eigen_and_eigenfunctions_follow_cuda_inputs(method):

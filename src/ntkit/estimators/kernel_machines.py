@@ -48,12 +48,16 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 
 from .._validation import check_choice, check_nonnegative, check_positive_int, resolve_dtype
-from ..dynamics.predict import gradient_descent_mse, gradient_flow
 from ..layers.base import Layer
+from ..predict import gradient_descent_mse, gradient_flow
 from ..scale.solvers import resolve_ridge, solve
 from ..scale.tiled import DEFAULT_TILE, kernel_matrix, tile_slices
 
-_WIDTH_PLACEHOLDER = 512  # the analytic kernel does not depend on the declared width
+_DEFAULT_WIDTH = 512  # the declared hidden width; only the standard-param kernel depends on it
+# Features whose root mean square exceeds this are "large": standardising them is the first
+# thing to try when the train kernel comes out indefinite (smooth activations' duals are
+# integrals that lose accuracy at large pre-activation variances).
+_LARGE_FEATURE_SCALE = 3.0
 _STIFF_SOLVER_MAX_SIZE = 2000  # n_train * n_classes up to which the flow uses LSODA
 _SOLVERS = ("direct", "cg")
 # Relative residual at which CG stops: prediction errors are about this size relative to y.
@@ -79,7 +83,7 @@ class _InfiniteNetworkBase(BaseEstimator):
 
     def __init__(self, net: Layer | None = None, *, depth: int = 3, activation: Any = "relu",
                  W_std: float = 1.0, b_std: float = 0.1, parameterization: str = "ntk",
-                 t: float = np.inf, diag_reg: float = 0.0,
+                 width: int = _DEFAULT_WIDTH, t: float = np.inf, diag_reg: float = 0.0,
                  diag_reg_absolute_scale: bool = False, solver: str = "direct",
                  cg_tol: float | None = None, cg_max_iter: int = _CG_MAX_ITER,
                  n_landmarks: int = 1000, dtype: str = "float64", device: str | None = None):
@@ -89,6 +93,7 @@ class _InfiniteNetworkBase(BaseEstimator):
         self.W_std = W_std
         self.b_std = b_std
         self.parameterization = parameterization
+        self.width = width
         self.t = t
         self.diag_reg = diag_reg
         self.diag_reg_absolute_scale = diag_reg_absolute_scale
@@ -108,7 +113,8 @@ class _InfiniteNetworkBase(BaseEstimator):
             return self.net
         from ..layers.combinators import mlp
 
-        return mlp(self.depth, _WIDTH_PLACEHOLDER, activation=self.activation, W_std=self.W_std,
+        width = check_positive_int(self.width, "width")
+        return mlp(self.depth, width, activation=self.activation, W_std=self.W_std,
                    b_std=self.b_std, out_dim=1, parameterization=self.parameterization)
 
     def _tensor(self, X: np.ndarray) -> torch.Tensor:
@@ -175,11 +181,15 @@ class _InfiniteNetworkBase(BaseEstimator):
         K = self._kernel(Xt, None, self._kind)
         self.ridge_ = resolve_ridge(self.diag_reg, K.diagonal(), self.diag_reg_absolute_scale)
         # JGH's cost (½ · mean over examples) at learning rate 1 is the estimator's time.
-        self._flow = gradient_descent_mse(K, Yt, learning_rate=1.0, cost="jgh",
-                                          diag_reg=self.ridge_, diag_reg_absolute_scale=True,
-                                          pseudo_inverse=True)
-        del K
-        self._coef = self._flow.dual_coefficients(self._t)  # f_t(x) = k(x, X) @ coef
+        try:
+            self._flow = gradient_descent_mse(K, Yt, learning_rate=1.0, cost="jgh",
+                                              diag_reg=self.ridge_,
+                                              diag_reg_absolute_scale=True,
+                                              pseudo_inverse=True)
+            del K
+            self._coef = self._flow.dual_coefficients(self._t)  # f_t(x) = k(x, X) @ coef
+        except ValueError as err:  # an indefinite or overflowing train kernel
+            raise ValueError(f"{err} {_input_scale_hint(X)}") from err
 
     def _predict_tensors(self, X: np.ndarray, return_std: bool = False
                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -272,12 +282,20 @@ class NTKRegressor(_InfiniteNetworkRegressor):
     the squared loss, for time ``t`` (default: to convergence).
 
     Args:
-        net: an ntkit network; if ``None``, ``nk.mlp(depth, ·, activation, W_std, b_std,
-            parameterization=parameterization)`` (the kernel does not depend on the width).
+        net: an ntkit network; if ``None``, ``nk.mlp(depth, width, activation, W_std, b_std,
+            parameterization=parameterization)``. When ``net`` is given, ``depth``,
+            ``activation``, ``W_std``, ``b_std``, ``parameterization`` and ``width`` are
+            ignored.
         depth: number of Dense layers (``depth − 1`` hidden layers).
         activation: activation name ("relu", "erf", "gelu", ...) or an ntkit activation.
         W_std, b_std: weight and bias standard deviations.
         parameterization: "ntk" (JGH) or "standard".
+        width: declared width of the hidden layers, an integer >= 1 (default 512). Used only
+            with ``parameterization="standard"``: the NTK-parameterised kernels and every
+            NNGP do not depend on it, but the standard-parameterised NTK does, since a Dense
+            layer after a hidden layer maps ``Θ' = W_std² Θ + width · Σ + 1`` (see
+            :class:`ntkit.Dense`), so the kernel, and with it a finite-``t`` or ridge
+            prediction, grows with ``width``.
         t: training time (JGH cost, learning rate 1); ``np.inf`` for the converged solution.
             A finite ``t`` is early stopping.
         diag_reg: ridge, relative to the mean diagonal of the train kernel unless
@@ -355,13 +373,14 @@ class NTKClassifier(ClassifierMixin, _InfiniteNetworkBase):
 
     def __init__(self, net: Layer | None = None, *, depth: int = 3, activation: Any = "relu",
                  W_std: float = 1.0, b_std: float = 0.1, parameterization: str = "ntk",
-                 t: float = np.inf, diag_reg: float = 0.0,
+                 width: int = _DEFAULT_WIDTH, t: float = np.inf, diag_reg: float = 0.0,
                  diag_reg_absolute_scale: bool = False, kernel: str = "ntk",
                  loss: str = "mse", solver: str = "direct", cg_tol: float | None = None,
                  cg_max_iter: int = _CG_MAX_ITER, n_landmarks: int = 1000,
                  dtype: str = "float64", device: str | None = None):
         super().__init__(net, depth=depth, activation=activation, W_std=W_std, b_std=b_std,
-                         parameterization=parameterization, t=t, diag_reg=diag_reg,
+                         parameterization=parameterization, width=width, t=t,
+                         diag_reg=diag_reg,
                          diag_reg_absolute_scale=diag_reg_absolute_scale, solver=solver,
                          cg_tol=cg_tol, cg_max_iter=cg_max_iter, n_landmarks=n_landmarks,
                          dtype=dtype, device=device)
@@ -401,11 +420,15 @@ class NTKClassifier(ClassifierMixin, _InfiniteNetworkBase):
         # (n c)² Jacobian is too big beyond that, and an explicit Runge–Kutta is used (its
         # cost grows with the kernel's scale: standardise the inputs).
         small = n * c <= _STIFF_SOLVER_MAX_SIZE
-        flow = gradient_flow("cross_entropy", theta, self._tensor(Y), learning_rate=1.0,
-                             cost="jgh", method="LSODA" if small else "RK45", rtol=1e-8,
-                             atol=1e-10, diag_reg=self.ridge_, diag_reg_absolute_scale=True)
-        del theta
-        result = flow.dual_coefficients(self._t)
+        try:
+            flow = gradient_flow("cross_entropy", theta, self._tensor(Y), learning_rate=1.0,
+                                 cost="jgh", method="LSODA" if small else "RK45", rtol=1e-8,
+                                 atol=1e-10, diag_reg=self.ridge_,
+                                 diag_reg_absolute_scale=True)
+            del theta
+            result = flow.dual_coefficients(self._t)
+        except ValueError as err:  # an indefinite or overflowing train kernel
+            raise ValueError(f"{err} {_input_scale_hint(X)}") from err
         self._X_train = Xt
         self._coef = result.coef  # the train logits are f = Θ A: A_t determines everything
         self.n_flow_evaluations_ = result.n_evaluations
@@ -434,6 +457,28 @@ class NTKClassifier(ClassifierMixin, _InfiniteNetworkBase):
             E = np.exp(F)
             return E / E.sum(axis=1, keepdims=True)
         return _project_to_simplex(F)
+
+
+def _input_scale_hint(X: np.ndarray) -> str:
+    """A sentence for errors about the train kernel: the largest feature scale of the
+    ``(N, d)`` training inputs and, when it is large, the remedy.
+
+    Pre-activation variances grow with the squared input scale; the kernels of smooth
+    activations (tanh, sigmoid, softplus, SiLU, ``Elementwise``) are integrals whose
+    numerical error grows with that variance and can make the train kernel indefinite.
+    """
+    with np.errstate(over="ignore"):
+        rms = np.sqrt(np.mean(np.square(X), axis=0))
+    column = int(np.argmax(rms))
+    scale = float(rms[column])
+    text = (f"The largest feature scale (root mean square over the {X.shape[0]} training "
+            f"rows) is {scale:.3g}, in column {column}.")
+    if not scale <= _LARGE_FEATURE_SCALE:  # also catches inf
+        text += (" Features this large give large pre-activation variances, at which the "
+                 "kernels of smooth activations (tanh, sigmoid, softplus, silu, Elementwise) "
+                 "lose accuracy and can come out indefinite: standardise the inputs, e.g. "
+                 "make_pipeline(StandardScaler(), estimator).")
+    return text
 
 
 def _project_to_simplex(F: np.ndarray) -> np.ndarray:
