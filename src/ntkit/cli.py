@@ -36,19 +36,27 @@ def reproduce() -> None:
 @click.option("--resume", is_flag=True,
               help="Reuse the experiments an earlier, interrupted run finished (saved in "
                    "OUT/checkpoints/ with the same scale, seed and device).")
+@click.option("--force", is_flag=True,
+              help="Write into a non-empty folder ntkit did not create, or replace an earlier "
+                   "run in OUT made with other settings. Files ntkit did not write are never "
+                   "overwritten or deleted, even with --force.")
 def jgh20(experiment: str, scale: str, out: str, seed: int, device: str, progress: bool,
-          resume: bool) -> None:
-    """Jacot, Gabriel & Hongler (2018), §6: Figs. 1–3 with a report beside the paper's numbers."""
+          resume: bool, force: bool) -> None:
+    """Jacot, Gabriel & Hongler (2018), §6: Figs. 1–3 with a report beside the paper's numbers.
+
+    OUT must be new, empty, or the folder of an earlier ntkit run (marked by its
+    .ntkit-run.json). Running one --experiment into a folder that holds others of the same
+    settings keeps them: results.json and report.md cover all.
+    """
     from .experiments import jgh20 as exp
 
     experiments = exp.EXPERIMENTS if experiment == "all" else (experiment,)
     try:
-        exp.check_output_dir(out)
         if scale == "paper" and device == "cpu":
             click.echo("Note: --scale paper trains width-10000 networks; a GPU "
                        "(--device cuda) is advised, on CPU this takes hours.", err=True)
         exp.run(experiments, scale=scale, out=out, seed=seed, device=device, progress=progress,
-                resume=resume)
+                resume=resume, force=force, notify=lambda message: click.echo(message, err=True))
     except ValueError as err:
         raise click.ClickException(str(err)) from err
     except KeyboardInterrupt:
@@ -57,6 +65,22 @@ def jgh20(experiment: str, scale: str, out: str, seed: int, device: str, progres
                    "from them.", err=True)
         sys.exit(130)
     click.echo(f"Wrote figures, results.json and report.md to {out}/")
+
+
+@main.command("report")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--force", is_flag=True,
+              help="Write into OUT even if ntkit did not create it (files ntkit did not "
+                   "write are still never overwritten).")
+def report_command(out: str, force: bool) -> None:
+    """Rebuild report.md and the figures of a saved run in OUT, without recomputing."""
+    from .experiments.report import rebuild
+
+    try:
+        written = rebuild(out, force=force)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"Wrote {', '.join(written)} to {out}/")
 
 
 if __name__ == "__main__":  # pragma: no cover

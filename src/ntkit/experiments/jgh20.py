@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -34,6 +35,8 @@ from ..datasets import load_mnist
 from ..datasets.circle import angle_grid, circle_points, jgh_regression_data
 from ..dynamics import train
 from ..layers import mlp
+from .plan import CHECKPOINT_DIR, checkpoint_rel, plan_run
+from .rundir import RunDir
 
 EXPERIMENTS = ("convergence", "regression", "pca")
 SCALES = ("quick", "default", "paper")
@@ -306,23 +309,6 @@ def pca(cfg: Scale, seed: int, device: torch.device, progress: Callable,
 RUNNERS = {"convergence": convergence, "regression": regression, "pca": pca}
 
 
-def check_output_dir(out: str | Path) -> Path:
-    """Create ``out`` and prove it is writable, before any work starts."""
-    path = Path(out)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".ntkit-write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise ValueError(f"Cannot write results to {str(path)!r}: {err.strerror or err}. "
-                         "Choose a writable directory with --out.") from err
-    return path
-
-
-CHECKPOINT_DIR = "checkpoints"
-
-
 def _checkpoint_key(scale: str, cfg: Scale, seed: int, device: torch.device) -> dict:
     """What a finished experiment's numbers depend on; a checkpoint is reused only if equal."""
     from .. import __version__
@@ -332,40 +318,31 @@ def _checkpoint_key(scale: str, cfg: Scale, seed: int, device: torch.device) -> 
     return json.loads(json.dumps(key))  # as it reads back from a checkpoint (tuples -> lists)
 
 
-def _load_checkpoint(path: Path, key: dict) -> tuple[dict, float] | None:
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None  # absent, or cut short mid-write by an older interruption
-    if saved.get("key") != key:
-        return None
-    return saved["results"], float(saved["seconds"])
-
-
-def _save_checkpoint(path: Path, key: dict, results: dict, seconds: float) -> None:
-    path.parent.mkdir(exist_ok=True)
-    partial = path.with_suffix(".json.partial")
-    partial.write_text(json.dumps({"key": key, "seconds": seconds, "results": results}))
-    partial.replace(path)  # atomic: a checkpoint is whole or absent
-
-
 def run(experiments: tuple[str, ...] = EXPERIMENTS, scale: str = "default",
         out: str | Path = "jgh20-results", seed: int = 0, device: str = "cpu",
-        progress: bool = True, resume: bool = False) -> dict:
+        progress: bool = True, resume: bool = False, force: bool = False,
+        notify: Callable[[str], None] | None = None) -> dict:
     """Run the chosen experiments and write figures, ``results.json`` and ``report.md``.
 
     The numbers depend only on ``scale``, ``seed`` and ``device``: a second run gives the
     same ``results.json`` (timings go to ``timings.json`` and the report).
 
-    Each finished experiment is saved to ``out/checkpoints/<name>.json`` (with its figure),
-    so an interrupted run loses at most the experiment in progress. ``resume=True`` reuses
-    every checkpoint made with the same scale, seed, device, ntkit and torch versions,
-    and computes only the rest.
+    ``out`` must be absent, empty or a folder ntkit wrote (see :mod:`.rundir`); ``force``
+    admits a non-empty folder of other files, and replaces an earlier run with other
+    settings. Files ntkit did not write are never overwritten or deleted.
+
+    Each finished experiment is saved to ``out/checkpoints/<name>.json``, so an interrupted
+    run loses at most the experiment in progress. ``resume=True`` reuses every checkpoint
+    made with the same scale, seed, device, ntkit and torch versions, and computes only the
+    rest; a malformed checkpoint is reported through ``notify``, kept as
+    ``<name>.json.damaged`` and recomputed. Experiments of the same settings already in
+    ``out`` but not asked for are kept: ``results.json`` and ``report.md`` cover all of them.
+    Every check (settings, folder, files, writability) happens before any computation.
     """
     from tqdm.auto import tqdm
 
     from .. import __version__
-    from .report import FIGURES, report
+    from .report import FIGURES, problem, render
 
     unknown = [e for e in experiments if e not in EXPERIMENTS]
     if unknown:
@@ -375,33 +352,58 @@ def run(experiments: tuple[str, ...] = EXPERIMENTS, scale: str = "default",
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but torch sees no CUDA device.")
-    path = check_output_dir(out)
+    if notify is None:
+        def notify(message: str) -> None:
+            print(message, file=sys.stderr)
     cfg = SCALE_CONFIGS[scale]
+    key = _checkpoint_key(scale, cfg, seed, dev)
+    run_dir = RunDir(out)
+    run_dir.check_targets([], force=force, resume=resume)  # a folder that is not ntkit's
+    plan = plan_run(run_dir, EXPERIMENTS, experiments, key, resume=resume, force=force,
+                    notify=notify, problem=problem)
+    final = [name for name in EXPERIMENTS if name in experiments or name in plan["merge"]]
+    computed = [name for name in experiments if name not in plan["reuse"]]
+    targets = (["results.json", "timings.json", "report.md"]
+               + [FIGURES[name][0] for name in final]
+               + [checkpoint_rel(name) for name in computed
+                  if checkpoint_rel(name) not in plan["set_aside"]])
+    run_dir.check_targets(targets, force=force, resume=resume)
+    run_dir.check_writable(["", CHECKPOINT_DIR])
+
+    # ---- from here on the folder is ntkit's and every write is known to be allowed
+    if not run_dir.has_manifest:
+        run_dir.claim()
+    for rel in plan["set_aside"]:
+        run_dir.set_aside(rel)
+    if plan["replace"]:  # --force: the earlier run's own files go, nobody else's
+        for name in EXPERIMENTS:
+            if name not in final:
+                run_dir.remove_owned(FIGURES[name][0])
+            if name not in experiments and name not in plan["merge"]:
+                run_dir.remove_owned(checkpoint_rel(name))
 
     def bar(iterable, desc):
         return tqdm(iterable, desc=desc, disable=not progress, leave=False)
 
-    key = _checkpoint_key(scale, cfg, seed, dev)
-    results, timings, reused = {}, {}, []
-    for name in experiments:
-        checkpoint = path / CHECKPOINT_DIR / f"{name}.json"
-        saved = _load_checkpoint(checkpoint, key) if resume else None
-        if saved is not None:
-            results[name], timings[name] = saved
-            reused.append(name)
-        else:
-            start = time.perf_counter()
-            results[name] = RUNNERS[name](cfg, seed, dev, bar, progress)
-            timings[name] = time.perf_counter() - start
-            _save_checkpoint(checkpoint, key, results[name], timings[name])
-        filename, draw = FIGURES[name]
-        draw(results[name], path / filename)
-    meta = {"scale": scale, "scale_note": cfg.note, "seed": seed, "device": str(dev),
-            "version": __version__, "torch": torch.__version__, "timings": timings,
-            "reused": reused}
-    document = {"scale": scale, "seed": seed, "config": asdict(cfg), "paper": PAPER,
-                "experiments": results}
-    (path / "results.json").write_text(json.dumps(document, indent=1))
-    (path / "timings.json").write_text(json.dumps(timings, indent=1))
-    (path / "report.md").write_text(report(results, meta))
+    results, timings = {}, {}
+    for name, (res, seconds) in {**plan["merge"], **plan["reuse"]}.items():
+        results[name], timings[name] = res, seconds
+    for name in computed:
+        start = time.perf_counter()
+        results[name] = RUNNERS[name](cfg, seed, dev, bar, progress)
+        timings[name] = time.perf_counter() - start
+        run_dir.write_text(checkpoint_rel(name), json.dumps(
+            {"key": key, "seconds": timings[name], "results": results[name]}))
+    document = {"study": "jgh20", "key": key, "scale": scale, "scale_note": cfg.note,
+                "seed": seed, "device": str(dev), "version": __version__,
+                "torch": torch.__version__, "config": asdict(cfg), "paper": PAPER,
+                "experiments": {name: results[name] for name in final}}
+    document = json.loads(json.dumps(document))  # as results.json reads back
+    timing_doc = {"seconds": {name: timings[name] for name in final
+                              if not math.isnan(timings[name])},
+                  "reused": [name for name in final if name not in computed]}
+    run_dir.write_text("results.json", json.dumps(document, indent=1))
+    run_dir.write_text("timings.json", json.dumps(timing_doc, indent=1))
+    for name, data in render(document, timing_doc).items():
+        run_dir.write_bytes(name, data)
     return document

@@ -1,7 +1,14 @@
-"""Figures (matplotlib) and ``report.md`` for the JGH reproduction, from ``results.json``."""
+"""Figures (matplotlib) and ``report.md`` for the JGH reproduction: a view over a saved run.
+
+Everything here reads the run's ``results.json`` (and ``timings.json`` for the timing
+table) and nothing else: no import from the runner, no recomputation. ``ntkit report OUT``
+calls :func:`rebuild` to redraw a saved run.
+"""
 
 from __future__ import annotations
 
+import io
+import json
 from pathlib import Path
 from typing import Any
 
@@ -11,12 +18,58 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt
 import numpy as np
 
-from .jgh20 import PAPER
+from .rundir import RunDir
+
+# What the figures and the report read from each experiment's results: the top-level
+# fields, and the fields of every entry of ``widths``. A checkpoint or results.json that
+# lacks one is malformed.
+REQUIRED = {
+    "convergence": (("angles", "limit", "theta_x0_x0", "theta_x0_minus_x0", "train_points",
+                     "steps", "widths"),
+                    ("curves", "relative_deviation", "relative_deviation_mean",
+                     "relative_deviation_std")),
+    "regression": (("angles", "train_angles", "train_targets", "steps", "limit", "widths"),
+                   ("curves", "fraction_inside_band", "fraction_curves_entirely_inside",
+                    "mean_distance_max", "std_distance_max")),
+    "pca": (("indices", "labels", "depth", "eigenvalues_by_depth", "eigenvalues", "pc2", "pc3",
+             "steps", "theory", "widths"),
+            ("t", "g_norm", "h_norm", "fitted_rate", "rate_relative_error")),
+}
+
+
+def problem(name: str, results: Any) -> str | None:
+    """What is wrong with one experiment's ``results`` for the report, or None if nothing."""
+    if name not in REQUIRED:
+        return f"{name!r} is not an experiment of this reproduction"
+    top, per_width = REQUIRED[name]
+    if not isinstance(results, dict):
+        return f"its results are a JSON {type(results).__name__}, not an object"
+    missing = [k for k in top if k not in results]
+    if missing:
+        return f"its results lack the field(s) {missing}"
+    widths = results["widths"]
+    if not isinstance(widths, dict) or not widths:
+        return "its results have no entry under 'widths'"
+    for width, entry in widths.items():
+        if not isinstance(entry, dict):
+            return f"widths[{width!r}] is not an object"
+        missing = [k for k in per_width if k not in entry]
+        if missing:
+            return f"widths[{width!r}] lacks the field(s) {missing}"
+    return None
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    return buffer.getvalue()
+
 
 _COLORS = ["tab:blue", "tab:orange", "tab:green", "tab:purple"]
 
 
-def figure_convergence(res: dict, path: Path) -> None:
+def figure_convergence(res: dict) -> bytes:
     fig, ax = plt.subplots(figsize=(8, 5))
     angles = np.array(res["angles"])
     for c, (width, data) in zip(_COLORS, res["widths"].items()):
@@ -37,11 +90,10 @@ def figure_convergence(res: dict, path: Path) -> None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return _png(fig)
 
 
-def figure_regression(res: dict, path: Path) -> None:
+def figure_regression(res: dict) -> bytes:
     widths = list(res["widths"].items())
     fig, axes = plt.subplots(1, len(widths), figsize=(6 * len(widths), 4.5), sharey=True,
                              squeeze=False)
@@ -68,11 +120,10 @@ def figure_regression(res: dict, path: Path) -> None:
     axes[0][0].set_ylabel("f(x) after %d steps" % res["steps"])
     fig.suptitle("JGH Fig. 2 (reproduced): trained networks vs the t → ∞ Gaussian")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return _png(fig)
 
 
-def figure_pca(res: dict, path: Path) -> None:
+def figure_pca(res: dict) -> bytes:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 5))
     labels = np.array(res["labels"])
     sc = ax1.scatter(res["pc2"], res["pc3"], c=labels, cmap="tab10", s=12, vmin=-0.5,
@@ -95,8 +146,7 @@ def figure_pca(res: dict, path: Path) -> None:
     ax2.grid(alpha=0.3)
     fig.suptitle("JGH Fig. 3 (reproduced): NTK principal components on MNIST")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return _png(fig)
 
 
 FIGURES = {"convergence": ("fig1_convergence.png", figure_convergence),
@@ -108,8 +158,14 @@ def _fmt(x: float, digits: int = 4) -> str:
     return f"{x:.{digits}g}"
 
 
-def report(results: dict, meta: dict[str, Any]) -> str:
-    """The markdown report: our numbers beside the paper's, and every choice made."""
+def report(doc: dict[str, Any], timings: dict[str, Any] | None = None) -> str:
+    """The markdown report: our numbers beside the paper's, and every choice made.
+
+    ``doc`` is a run's ``results.json`` (its ``experiments``, the paper's numbers under
+    ``paper``, and the run's settings); ``timings`` its ``timings.json`` (``seconds`` per
+    experiment and the names ``reused`` from earlier runs), or None when it is unknown.
+    """
+    results, meta, paper = doc["experiments"], doc, doc["paper"]
     lines = [
         "# JGH reproduction (arXiv 1806.07572, §6)",
         "",
@@ -127,10 +183,10 @@ def report(results: dict, meta: dict[str, Any]) -> str:
             "## Fig. 1: convergence of the NTK",
             "",
             "| quantity | ours | paper |", "|---|---|---|",
-            f"| analytic Θ(x0, x0) | {r['theta_x0_x0']:.4f} | {PAPER['theta_x0_x0']} "
+            f"| analytic Θ(x0, x0) | {r['theta_x0_x0']:.4f} | {paper['theta_x0_x0']} "
             "(JGH setting) |",
             f"| analytic Θ(x0, −x0) | {r['theta_x0_minus_x0']:.4f} | "
-            f"{PAPER['theta_x0_minus_x0']} |",
+            f"{paper['theta_x0_minus_x0']} |",
             "",
             "Relative L2 deviation of the empirical Θ(x0, ·) on the circle from the analytic "
             "limit, mean ± standard deviation over initialisations:",
@@ -183,15 +239,15 @@ def report(results: dict, meta: dict[str, Any]) -> str:
             "Π = K/N by power iteration with deflation (the paper's method).",
             "",
             "| depth | λ1 | λ2 | λ3 |", "|---|---|---|---|",
-            f"| paper | {PAPER['pca_eigenvalues'][0]} | {PAPER['pca_eigenvalues'][1]} | "
-            f"{PAPER['pca_eigenvalues'][2]} |",
+            f"| paper | {paper['pca_eigenvalues'][0]} | {paper['pca_eigenvalues'][1]} | "
+            f"{paper['pca_eigenvalues'][2]} |",
         ]
         for depth, d in r["eigenvalues_by_depth"].items():
             v = d["eigenvalues"]
             lines.append(f"| {depth} | {_fmt(v[0])} | {_fmt(v[1])} | {_fmt(v[2])} |")
-        rel = [lam[i] / PAPER["pca_eigenvalues"][i] - 1 for i in range(3)]
+        rel = [lam[i] / paper["pca_eigenvalues"][i] - 1 for i in range(3)]
         others = "; ".join(
-            f"depth {dep}: λ1 {d['eigenvalues'][0] / PAPER['pca_eigenvalues'][0] - 1:+.1%}"
+            f"depth {dep}: λ1 {d['eigenvalues'][0] / paper['pca_eigenvalues'][0] - 1:+.1%}"
             for dep, d in r["eigenvalues_by_depth"].items() if int(dep) != r["depth"])
         lines += [
             "",
@@ -239,9 +295,76 @@ def report(results: dict, meta: dict[str, Any]) -> str:
         "",
     ]
     lines += ["## Timing", "", "| experiment | seconds |", "|---|---|"]
-    reused = set(meta.get("reused", ()))
-    source = {name: " (from a checkpoint of an earlier run)" for name in reused}
-    lines += [f"| {name} | {sec:.1f}{source.get(name, '')} |"
-              for name, sec in meta["timings"].items()]
+    seconds = (timings or {}).get("seconds", {})
+    reused = set((timings or {}).get("reused", ()))
+    for name in results:
+        sec = seconds.get(name)
+        source = " (from a checkpoint of an earlier run)" if name in reused else ""
+        lines.append(f"| {name} | {'unknown' if sec is None else f'{sec:.1f}'}{source} |")
     lines.append("")
     return "\n".join(lines)
+
+
+RUN_FIELDS = ("scale", "scale_note", "seed", "device", "version", "torch", "paper",
+              "experiments")
+
+
+def render(doc: dict[str, Any], timings: dict[str, Any] | None = None) -> dict[str, bytes]:
+    """Every file of the report, by name: the figures of ``doc``'s experiments and report.md."""
+    files = {FIGURES[name][0]: FIGURES[name][1](res) for name, res in doc["experiments"].items()}
+    files["report.md"] = report(doc, timings).encode()
+    return files
+
+
+def load_run(out: str | Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Read and check a saved run's ``results.json`` (and ``timings.json`` if present).
+
+    Raises ``ValueError`` naming the file and what is wrong with it.
+    """
+    path = Path(out) / "results.json"
+    try:
+        doc = json.loads(path.read_text())
+    except OSError as err:
+        raise ValueError(f"Cannot read {str(path)!r}: {err.strerror or err}. Give the folder "
+                         "of a finished `ntkit reproduce jgh20` run.") from err
+    except ValueError as err:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({err}).") from err
+    if not isinstance(doc, dict):
+        raise ValueError(f"{str(path)!r} holds a JSON {type(doc).__name__}, not a run.")
+    missing = [k for k in RUN_FIELDS if k not in doc]
+    if missing:
+        raise ValueError(f"{str(path)!r} lacks the field(s) {missing}; it was not written by "
+                         "this version of `ntkit reproduce jgh20`. Rerun the reproduction.")
+    if not isinstance(doc["experiments"], dict) or not doc["experiments"]:
+        raise ValueError(f"{str(path)!r} holds no experiments.")
+    for name, res in doc["experiments"].items():
+        wrong = problem(name, res)
+        if wrong:
+            raise ValueError(f"{str(path)!r}: experiment {name!r} is malformed: {wrong}.")
+    timings = None
+    try:
+        timings = json.loads((Path(out) / "timings.json").read_text())
+        if not isinstance(timings, dict) or not isinstance(timings.get("seconds"), dict):
+            timings = None  # an older layout or damaged: the report says "unknown"
+    except (OSError, ValueError):
+        pass
+    return doc, timings
+
+
+def rebuild(out: str | Path, force: bool = False) -> list[str]:
+    """Redraw report.md and the figures of the run saved in ``out``; return the files written.
+
+    Nothing is recomputed. The same rules as the run apply: a file ntkit did not write is
+    never overwritten.
+    """
+    doc, timings = load_run(out)
+    run_dir = RunDir(out)
+    names = [FIGURES[name][0] for name in doc["experiments"]] + ["report.md"]
+    run_dir.check_targets(names, force=force)
+    run_dir.check_writable([""])
+    files = render(doc, timings)
+    if not run_dir.has_manifest:
+        run_dir.claim()
+    for name, data in files.items():
+        run_dir.write_bytes(name, data)
+    return list(files)
