@@ -1,5 +1,4 @@
-"""The shared checks of ``ntkit.predict``: one symmetry tolerance, and the deprecated
-``ntkit.dynamics.predict`` alias."""
+"""The shared checks of ``ntkit.predict``: one symmetry tolerance for every train kernel."""
 
 import math
 
@@ -63,23 +62,3 @@ def test_symmetry_tolerance_is_sqrt_eps_of_the_largest_entry(dtype):
             with pytest.raises(ValueError, match="k_train_train is not symmetric"):
                 call()
 
-
-def test_deprecated_alias_reaches_the_eigendecomposition(monkeypatch):
-    # tests patch ntkit.dynamics.predict._eigh; the patch must reach the predictors, or a
-    # test asserting "no eigendecomposition" could not fail.
-    import ntkit.dynamics.predict as alias
-
-    assert alias.gradient_descent_mse is nk.predict.gradient_descent_mse
-    calls = []
-    original = alias._eigh
-
-    def spy(k):
-        calls.append(k.shape)
-        return original(k)
-
-    monkeypatch.setattr(alias, "_eigh", spy)
-    k = _kernel(6, torch.float64)
-    nk.predict.gradient_descent_mse(k, torch.ones(6, dtype=torch.float64))(1.0)
-    assert calls == [(6, 6)]
-    monkeypatch.undo()
-    assert alias._eigh is original
