@@ -45,11 +45,13 @@ from torch.func import functional_call, jacrev, jvp, vmap
 
 from .._validation import (
     Tensorish,
+    _describe_rows,
     as_tensor,
     available_memory,
     check_choice,
     check_finite,
     check_positive_int,
+    finite_max_abs,
     format_bytes,
 )
 from ..layers.activations import ABReLU, ActivationModule
@@ -181,6 +183,110 @@ def _check_mode(model: nn.Module) -> None:
                              "or on random masks; call model.eval() first.")
 
 
+_RANDOM_MESSAGE = (
+    "the model draws random numbers in its forward pass (for example F.dropout(h, p, "
+    "self.training) or torch.rand in training mode), so an example's output is not a "
+    "function of the parameters alone and its NTK is undefined; call model.eval() first, or "
+    "remove the random operation.")
+
+
+def _rng_state(device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    return torch.get_rng_state()
+
+
+def _same_rng_state(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.equal(a, b)
+
+
+def _restore_rng_state(device: torch.device, state: torch.Tensor) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
+# Rows evaluated together by the batch-coupling check (one small forward pass).
+_COUPLING_ROWS = 8
+
+
+def _check_batch_coupling(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None,
+                          first_alone: torch.Tensor) -> None:
+    """Raise if an example's output depends on the other examples in its batch.
+
+    Every method computes the NTK of ``f`` applied to one example at a time (jacobian,
+    structured) or to blocks of examples (ntk_vp), so a model that mixes examples
+    (``x - x.mean(0)``, train-mode batch statistics written by hand, attention across the
+    batch) would give a per-example or block-dependent answer without any error. The check:
+    the first and the last of up to ``2 × _COUPLING_ROWS`` rows (from x1, then x2) evaluated
+    alone and in one batch. A per-example model gives the same outputs up to rounding (gemm
+    kernels differ with the row count, a relative change of a few ulps times the depth), so
+    the tolerance is sqrt(eps) of the output scale: far above rounding, far below the O(1)
+    change of a real coupling. The first row is also evaluated alone a second time, so that
+    a model drawing from a private generator gets the randomness message instead. Cost: one
+    forward pass of at most 16 rows and two of 1 row.
+    """
+    rows = x1[:_COUPLING_ROWS]
+    if x2 is not None:
+        rows = torch.cat([rows, x2[:_COUPLING_ROWS]])
+    m = rows.shape[0]
+    if m < 2:
+        return
+    with torch.no_grad():
+        batch = model(rows)
+        last_alone = model(rows[-1:])
+        first_again = model(rows[:1])
+    if not isinstance(batch, torch.Tensor) or batch.shape[0] != m \
+            or batch.shape[1:] != first_alone.shape[1:]:
+        got = tuple(batch.shape) if isinstance(batch, torch.Tensor) else type(batch).__name__
+        raise ValueError(f"the model mapped a batch of {m} examples to {got} but one example "
+                         f"to {tuple(first_alone.shape)}; the NTK needs a model that maps "
+                         "(N, ...) to (N, ...) example by example.")
+    alone = torch.cat([first_alone, last_alone])
+    together = batch[[0, m - 1]]
+    if not (bool(torch.isfinite(alone).all()) and bool(torch.isfinite(together).all())):
+        return  # overflow is reported on the kernel itself, naming the rows
+    scale = float(torch.maximum(alone.abs().max(), together.abs().max()))
+    tol = torch.finfo(batch.dtype).eps ** 0.5
+    if float((first_again - first_alone).abs().max()) > tol * scale:
+        # The same single example twice gives different outputs: randomness the global-RNG
+        # check could not see (a private torch.Generator), not coupling.
+        raise ValueError(_RANDOM_MESSAGE)
+    diff = float((alone - together).abs().max())
+    if diff > tol * scale:
+        raise ValueError(
+            f"the model's output for an example depends on the other examples in its batch: "
+            f"evaluated alone and in a batch of {m}, an example's output changes by "
+            f"{diff / scale:.2g} of the output scale (rounding alone stays below {tol:.1g}). "
+            "The empirical NTK is defined per example (the gradient of f(x) for a single x), "
+            "so it cannot represent this coupling and every method would silently return "
+            "something else. Make the model act on each example separately (fixed "
+            "statistics instead of x - x.mean(0), BatchNorm in eval mode, LayerNorm over "
+            "features), or differentiate the whole batch's output yourself.")
+
+
+def _check_kernel_finite(k: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor | None,
+                         what: str) -> None:
+    """Raise, naming the rows, if a kernel computed from finite inputs overflowed."""
+    if finite_max_abs(k) is not None:
+        return
+    bad = ~torch.isfinite(k).reshape(k.shape[0], k.shape[1], -1).all(dim=-1)
+    if x2 is None:
+        own = torch.diagonal(bad).nonzero().flatten()  # rows whose own value overflowed
+        rows = own if own.numel() else bad.any(dim=1).nonzero().flatten()
+        where = f"rows [{_describe_rows(rows)}] of x1"
+        norm = float(x1.reshape(x1.shape[0], -1).abs().max())
+    else:
+        where = (f"rows [{_describe_rows(bad.any(dim=1).nonzero().flatten())}] of x1 against "
+                 f"rows [{_describe_rows(bad.any(dim=0).nonzero().flatten())}] of x2")
+        norm = max(float(x1.abs().max()), float(x2.abs().max()))
+    raise ValueError(
+        f"{what} overflowed: {int(bad.sum())} entries are infinite or NaN although the inputs "
+        f"are finite ({where}; largest input magnitude {norm:.3g}, dtype {k.dtype}). Rescale "
+        "the inputs (e.g. standardise the features) or the weights, or compute in float64.")
+
+
 def _probe(model: nn.Module, x: torch.Tensor, name: str) -> tuple[torch.Tensor, int, float]:
     """Run the model on one example: its output, the numel of all module outputs, FLOPs."""
     numel = [0]
@@ -192,6 +298,7 @@ def _probe(model: nn.Module, x: torch.Tensor, name: str) -> tuple[torch.Tensor, 
 
     handles = [m.register_forward_hook(hook) for m in model.modules()]
     flops = 0.0
+    rng_before = _rng_state(x.device)
     try:
         from torch.utils.flop_counter import FlopCounterMode
 
@@ -206,6 +313,9 @@ def _probe(model: nn.Module, x: torch.Tensor, name: str) -> tuple[torch.Tensor, 
     finally:
         for h in handles:
             h.remove()
+    if not _same_rng_state(rng_before, _rng_state(x.device)):
+        _restore_rng_state(x.device, rng_before)  # leave the caller's random stream as it was
+        raise ValueError(_RANDOM_MESSAGE)
     if not isinstance(out, torch.Tensor):
         raise ValueError(f"the model returned {type(out).__name__}; the empirical NTK needs a "
                          "model whose forward returns one tensor of shape (N, ...).")
@@ -225,6 +335,7 @@ def _setup(model: nn.Module, x1: Tensorish, x2: Tensorish | None, params: Any) -
     selected, consts = _select_params(model, params)
     _check_mode(model)
     out, act_numel, flops = _probe(model, t1, "x1")
+    _check_batch_coupling(model, t1, t2, out)
     n_out = out[0].numel()
     n_params = sum(p.numel() for p in selected.values())
     out_dtype = t1.dtype if t1.is_floating_point() else out.dtype
@@ -322,10 +433,16 @@ def _run_blocks(setup: _Setup, plan: _Plan, tail: tuple[int, ...],
                 for name, block in result.items():
                     if name not in parts:
                         parts[name] = torch.zeros((n1, n2, *tail), **opts)
+                    if symmetric and i == j:
+                        _mirror_upper_(block)
                     _write(parts[name], block, s1, s2, mirror, full)
                 block = sum(result.values())
             else:
                 (block,) = result.values()
+            if symmetric and i == j:
+                # Whatever the contraction (ntk_vp's pushed-forward columns, diagonal
+                # output's bmm), a diagonal block of Θ(x, x) is made symmetric by copying.
+                _mirror_upper_(block)
             _write(total, block, s1, s2, mirror, full)
             del result, block, f2
         del f1
@@ -335,18 +452,61 @@ def _run_blocks(setup: _Setup, plan: _Plan, tail: tuple[int, ...],
 _SYM_BLOCK = 256
 
 
+def _mirrored(block: torch.Tensor) -> torch.Tensor:
+    """The transpose of a symmetric kernel block ``(B1, B2, *tail)``: rows and columns swap,
+    and so do the two output indices of a ``"full"`` tail ``(O, O)``."""
+    return block.permute(1, 0, 3, 2) if block.ndim == 4 else block.transpose(0, 1)
+
+
+def _mirror_upper_(block: torch.Tensor) -> torch.Tensor:
+    """Make a square kernel block ``(B, B, *tail)`` exactly symmetric, in place, by copying
+    its upper triangle onto the lower one (``block[b, a] = mirror(block[a, b])``).
+
+    Symmetry cannot be left to the arithmetic: gemm does not promise bit-equal ``(i, j)`` and
+    ``(j, i)`` entries (vector body vs scalar tail, FMA, kernel choice all differ by row), so
+    the lower triangle is defined as a copy. ``tail`` is ``()``, ``(O,)`` (the o = o' entries,
+    symmetric per o) or ``(O, O)`` (``"full"``: the transpose also swaps o and o', so the O×O
+    matrices on the diagonal are symmetrised too). Cost: one copy of the lower triangle, in
+    row strips of ``_SYM_BLOCK`` rows so the workspace is one diagonal tile.
+    """
+    n = block.shape[0]
+    full = block.ndim == 4
+    tile = _SYM_BLOCK
+    for r0 in range(0, n, tile):
+        r1 = min(r0 + tile, n)
+        if r0:  # strictly below the diagonal tile: a plain mirrored copy (disjoint memory)
+            block[r0:r1, :r0] = _mirrored(block[:r0, r0:r1])
+        diag = block[r0:r1, r0:r1]
+        idx = torch.arange(r1 - r0, device=block.device)
+        if full:
+            o = torch.arange(block.shape[2], device=block.device)
+            keep = (idx[:, None] < idx[None, :])[:, :, None, None] | (
+                (idx[:, None] == idx[None, :])[:, :, None, None] & (o[:, None] <= o[None, :]))
+        else:
+            keep = (idx[:, None] <= idx[None, :]).reshape(r1 - r0, r1 - r0,
+                                                          *(1,) * (block.ndim - 2))
+        # torch.where writes a fresh tensor, so reading diag and its transpose is safe.
+        diag.copy_(torch.where(keep, diag, _mirrored(diag)))
+    return block
+
+
 def _matmul_t(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``u @ v.T``; when ``v is u`` only the blocks on and above the diagonal are multiplied
-    (about 5/8 of the work for 4 blocks) and mirrored, which also makes the Gram exactly
-    symmetric."""
-    n = u.shape[0]
-    if v is not u or n < 2 * _SYM_BLOCK:
+    """``u @ v.T``. When ``v is u`` the Gram is exactly symmetric by construction: only the
+    blocks on and above the diagonal are multiplied (about 5/8 of the work for 4 blocks), the
+    blocks below are their transposes, and each diagonal block's lower triangle is a copy of
+    its upper one."""
+    if v is not u:
         return u @ v.T
+    n = u.shape[0]
+    if n < 2 * _SYM_BLOCK:
+        return _mirror_upper_(u @ u.T)
     out = torch.empty((n, n), dtype=u.dtype, device=u.device)
     blocks = _slices(n, max(_SYM_BLOCK, -(-n // 4)))
     for i, si in enumerate(blocks):
         for sj in blocks[i:]:
             block = u[si] @ u[sj].T
+            if sj == si:
+                _mirror_upper_(block)
             out[si, sj] = block
             if sj != si:
                 out[sj, si] = block.T
@@ -732,7 +892,15 @@ def empirical_ntk(model: nn.Module, x1: Tensorish, x2: Tensorish | None = None, 
             one-row block does not fit, :class:`MemoryBudgetError` (a ``ValueError``) says
             how much is needed.
     Returns:
-        The kernel tensor, or :class:`NTKParts` ``(total, parts)`` when ``per_param``.
+        The kernel tensor, or :class:`NTKParts` ``(total, parts)`` when ``per_param``. With
+        ``x2=None`` it is exactly symmetric (``K[i, j] == K[j, i]`` bit for bit; for
+        ``"full"``, ``K[i, j, o, q] == K[j, i, q, o]``): the lower triangle is a copy.
+    Raises:
+        ValueError: for a model whose forward pass draws random numbers (train-mode
+            dropout, functional or not: call ``model.eval()``), a model whose output for an
+            example depends on the other examples in the batch (checked by evaluating up
+            to 16 rows together and two alone; the NTK is defined per example), and a
+            kernel that overflows (naming the rows).
     """
     check_choice(method, "method", METHODS)
     check_choice(output, "output", OUTPUTS)
@@ -763,14 +931,22 @@ def empirical_ntk(model: nn.Module, x1: Tensorish, x2: Tensorish | None = None, 
             costs = _costs(setup, output, per_param)
             method = min(costs, key=costs.get)
 
-    if method == "structured":
-        total, parts = _by_structured(setup, steps, output, per_param, budget, batch_size)
-    elif method == "jacobian":
-        total, parts = _by_jacobian(setup, output, per_param, budget, batch_size)
-    else:
-        total, parts = _by_ntk_vp(setup, output, per_param, budget, batch_size)
+    try:
+        if method == "structured":
+            total, parts = _by_structured(setup, steps, output, per_param, budget, batch_size)
+        elif method == "jacobian":
+            total, parts = _by_jacobian(setup, output, per_param, budget, batch_size)
+        else:
+            total, parts = _by_ntk_vp(setup, output, per_param, budget, batch_size)
+    except RuntimeError as err:
+        # Randomness from a private torch.Generator escapes the probe's global-RNG check;
+        # vmap then refuses it with a message about vmap's flags, not about the model.
+        if "randomness" not in str(err):
+            raise
+        raise ValueError(_RANDOM_MESSAGE) from err
 
     total = total.to(setup.out_dtype)
+    _check_kernel_finite(total, setup.x1, setup.x2, "the empirical NTK")
     if not per_param:
         return total
     # Parameters that never reach the output have zero contribution.
@@ -883,6 +1059,8 @@ def empirical_nngp(model: nn.Module, x1: Tensorish, x2: Tensorish | None = None,
     finally:
         handle.remove()
     n = f1.shape[1]
-    k = (f1 @ f2.T).mul_(w2 / n).add_(b2)
+    k = _matmul_t(f1, f2).mul_(w2 / n).add_(b2)
     out_dtype = t1.dtype if t1.is_floating_point() else k.dtype
-    return k.to(out_dtype)
+    k = k.to(out_dtype)
+    _check_kernel_finite(k, t1, t2, "the empirical NNGP")
+    return k

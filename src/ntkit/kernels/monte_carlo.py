@@ -13,7 +13,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._validation import Tensorish, as_input_pair, check_positive_int, resolve_dtype
+from .._validation import (
+    Tensorish,
+    _describe_rows,
+    as_input_pair,
+    check_positive_int,
+    finite_max_abs,
+    resolve_dtype,
+)
 from ..layers.base import Layer
 from .analytic import normalize_get
 from .empirical import empirical_nngp, empirical_ntk
@@ -39,6 +46,19 @@ class MonteCarloKernels:
         if value is None:
             raise KeyError(f"{name!r} was not computed; pass get=({name!r}, ...)")
         return value
+
+
+def _check_finite_estimate(t: torch.Tensor, name: str, symmetric: bool) -> None:
+    """Raise, naming the rows, if an estimate is not finite (the samples were checked, so
+    this guards the accumulation itself)."""
+    if finite_max_abs(t) is not None:
+        return
+    bad = ~torch.isfinite(t)
+    rows = _describe_rows(bad.any(dim=1).nonzero().flatten())
+    cols = "" if symmetric else (
+        f" against rows [{_describe_rows(bad.any(dim=0).nonzero().flatten())}] of x2")
+    raise ValueError(f"monte_carlo_kernel: {name} overflowed in rows [{rows}] of x1{cols}; "
+                     "rescale the inputs (e.g. standardise the features).")
 
 
 def monte_carlo_kernel(net: Layer, x1: Tensorish, x2: Tensorish | None = None, *,
@@ -69,7 +89,13 @@ def monte_carlo_kernel(net: Layer, x1: Tensorish, x2: Tensorish | None = None, *
         method, batch_size, memory_budget: passed to :func:`empirical_ntk`.
         dtype: parameter and kernel dtype (default float64).
     Returns:
-        :class:`MonteCarloKernels`, on ``x1``'s device.
+        :class:`MonteCarloKernels`, on ``x1``'s device. The standard errors make z-scores
+        against a reference kernel; with a few hundred samples such a check detects kernel
+        errors of a few percent, so it is a sanity check of convergence, not a precision
+        test (ntkit's own tests pin the kernels against independent references instead).
+    Raises:
+        ValueError: naming the rows, if a sample kernel overflows (inputs too large for
+            ``dtype``).
     """
     if not isinstance(net, Layer):
         raise ValueError(f"net must be an ntkit architecture (nk.mlp, nk.serial, ...); got "
@@ -82,30 +108,45 @@ def monte_carlo_kernel(net: Layer, x1: Tensorish, x2: Tensorish | None = None, *
     t1, t2 = as_input_pair(x1, x2, dtype=dtype)
     seeds = np.random.SeedSequence(int(seed)).generate_state(n_samples, dtype=np.uint32)
 
-    sums: dict[str, torch.Tensor] = {}
-    squares: dict[str, torch.Tensor] = {}
-    for s in seeds:
+    # Welford's running mean and sum of squared deviations, on values divided entrywise by a
+    # power of two taken from the first sample: an exact rescaling that keeps the squares
+    # finite for kernels up to the dtype's maximum and away from underflow for tiny entries
+    # (a plain sum of squares overflows above ~1e154 in float64, giving NaN standard errors
+    # with finite means; kernel entries of one call can span 1e200 when a row is large),
+    # and no cancellation.
+    means: dict[str, torch.Tensor] = {}
+    m2s: dict[str, torch.Tensor] = {}
+    scales: dict[str, torch.Tensor] = {}
+    for count, s in enumerate(seeds, start=1):
         module = net.module(t1.shape[1], seed=int(s), dtype=dtype, device=t1.device)
         values = {}
+        # Both raise, naming the rows, if a sample overflows.
         if "nngp" in names:
             values["nngp"] = empirical_nngp(module, t1, t2, batch_size=batch_size)
         if "ntk" in names:
             values["ntk"] = empirical_ntk(module, t1, t2, method=method, output="trace",
                                           batch_size=batch_size, memory_budget=memory_budget)
         for k, v in values.items():
-            sums[k] = v.clone() if k not in sums else sums[k].add_(v)
-            squares[k] = v * v if k not in squares else squares[k].add_(v * v)
+            if k not in scales:
+                _, exponent = torch.frexp(v)
+                scales[k] = torch.ldexp(torch.ones_like(v), exponent)  # 1 where v == 0
+            v = v / scales[k]
+            if k not in means:
+                means[k], m2s[k] = v.clone(), torch.zeros_like(v)
+                continue
+            delta = v - means[k]
+            means[k].add_(delta, alpha=1.0 / count)
+            m2s[k].addcmul_(delta, v - means[k])
 
     result: dict[str, torch.Tensor | None] = {}
     for k in ("nngp", "ntk"):
-        if k not in sums:
+        if k not in means:
             result[k], result[k + "_stderr"] = None, None
             continue
-        mean = sums[k] / n_samples
-        # Unbiased variance from the running sums (float64 keeps the cancellation harmless
-        # at the sample sizes used here).
-        var = (squares[k] - n_samples * mean * mean).clamp_(min=0) / (n_samples - 1)
-        result[k] = mean
-        result[k + "_stderr"] = torch.sqrt(var / n_samples)
+        var = m2s[k].clamp_(min=0) / (n_samples - 1)
+        result[k] = means[k] * scales[k]
+        result[k + "_stderr"] = torch.sqrt(var / n_samples) * scales[k]
+        for name in (k, k + "_stderr"):
+            _check_finite_estimate(result[name], name, t2 is None)
     return MonteCarloKernels(result["nngp"], result["ntk"], result["nngp_stderr"],
                              result["ntk_stderr"], n_samples)
