@@ -91,8 +91,12 @@ def dask_kernel(net: Layer, X1: Any, X2: Any | None = None, *, chunks: int = 204
                 get: str = "ntk", dtype: Any = None):
     """The ``(N1, N2)`` kernel ``get`` of ``net`` as a lazy ``dask.array``.
 
-    Block ``(i, j)`` is ``net.kernel(X1[i-th chunk], X2[j-th chunk])[get]``: the same values
-    as :func:`ntkit.scale.kernel_matrix` with ``tile=chunks``. Nothing is computed until
+    Block ``(i, j)`` is ``net.kernel(X1[i-th chunk], X2[j-th chunk])[get]``: the same calls
+    as :func:`ntkit.scale.kernel_matrix` with ``tile=chunks`` on and above the diagonal, so the
+    same bits there on the same machine and thread count; below the diagonal the blocks are
+    computed rather than mirrored, equal to rounding (gemm of the swapped operands). A NaN or
+    infinity in a ``dask.array`` input is reported on compute, naming ``X1``/``X2`` and the
+    global rows. Nothing is computed until
     ``.compute()``, ``.to_zarr(...)`` or a reduction is evaluated; then the blocks run on the
     current Dask scheduler: the local threaded one by default, or a
     ``dask.distributed.Client`` when one is active (see the module docstring for a
