@@ -14,25 +14,26 @@ scheduler (one process, one task at a time), the threaded scheduler (2 threads),
 ``LocalCluster`` of 2 worker processes x 1 thread. ntkit's own single-process
 ``KernelOperator.matmul``, which uses the symmetry of K (half the tiles), is shown as well.
 
-Run: ``python benchmarks/scale.py [cg|dask|all] [torch_threads]`` (cg: about 20–30 minutes on 2 busy cores;
-dask: a few minutes). Writes ``benchmarks/results/scale_cg.md`` and
-``benchmarks/results/scale_dask.md``.
+Dask rows are timed ``--repeats`` times each (default 3); the table gives the median and the
+range (min-max).
+
+Run: ``python benchmarks/scale.py [cg|dask|all] [--threads T]`` (cg: about 20-30 minutes on 2
+cores; dask: 3-5 minutes); ``--quick`` for N = 4,000 (dask) and 6,000 (cg), writing nothing.
+Writes ``benchmarks/results/scale_cg.md`` and ``benchmarks/results/scale_dask.md``.
 """
 
 from __future__ import annotations
 
+import argparse
 import resource
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 import ntkit as nk
 from ntkit.scale import KernelOperator, dask_kernel, kernel_matrix, solve
-
-RESULTS = Path(__file__).parent / "results"
+from common import RESULTS, add_common_args, set_threads, stamp
 D = 50
 NET = nk.mlp(2, 512)  # the analytic kernel does not depend on the width
 
@@ -51,9 +52,11 @@ def peak_rss_gib() -> float:
 
 
 def part_cg(n: int = 50_000, n_sub: int = 5_000, diag_reg: float = 1e-3,
-            n_landmarks: int = 4000, tol: float = 1e-6, tile: int = 4096) -> str:
+            n_landmarks: int = 4000, tol: float = 1e-6, tile: int = 4096,
+            write_results: bool = True, shared: bool = False) -> str:
     X, y = synthetic(n)
     head = [f"# CG + Nyström on N = {n:,}, d = {D} (NTK of a 1-hidden-layer ReLU net)", "",
+            stamp(torch.get_num_threads(), None, shared), "",
             f"Ridge diag_reg = {diag_reg:g} (relative to the mean diagonal), tol = {tol:g} "
             f"(relative residual), tile = {tile}, float64, torch threads = "
             f"{torch.get_num_threads()}, 2 CPU cores shared with other jobs. A dense K would "
@@ -100,8 +103,9 @@ def part_cg(n: int = 50_000, n_sub: int = 5_000, diag_reg: float = 1e-3,
 
     def write(final_lines):
         table = "\n".join(head + sub_lines + final_lines) + "\n"
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "scale_cg.md").write_text(table)
+        if write_results:
+            RESULTS.mkdir(exist_ok=True)
+            (RESULTS / "scale_cg.md").write_text(table)
         return table
 
     def on_iteration(it, rel):
@@ -132,7 +136,8 @@ def part_cg(n: int = 50_000, n_sub: int = 5_000, diag_reg: float = 1e-3,
     return table
 
 
-def part_dask(n: int = 20_000, chunks: int = 2500, repeats: int = 1) -> str:
+def part_dask(n: int = 20_000, chunks: int = 2500, repeats: int = 3,
+              write_results: bool = True, shared: bool = False) -> str:
     from dask.distributed import Client, LocalCluster
 
     X, _ = synthetic(n)
@@ -142,16 +147,16 @@ def part_dask(n: int = 20_000, chunks: int = 2500, repeats: int = 1) -> str:
     default_threads = torch.get_num_threads()
 
     def timed(name, fn, threads):
-        # Best of `repeats`: the cores are shared with other jobs.
+        # Every repeat is kept: the cores may be shared, so the spread is part of the result.
         torch.set_num_threads(threads)
-        best, out = float("inf"), None
+        runs, out = [], None
         for _ in range(repeats):
             start = time.perf_counter()
             out = fn()
-            best = min(best, time.perf_counter() - start)
-        times[name] = (best, np.asarray(out))
+            runs.append(time.perf_counter() - start)
+        times[name] = (sorted(runs), np.asarray(out))
         torch.set_num_threads(default_threads)
-        print(name, best, flush=True)
+        print(name, runs, flush=True)
 
     K = dask_kernel(NET, X, chunks=chunks)
     matvec = K @ v_np
@@ -167,34 +172,49 @@ def part_dask(n: int = 20_000, chunks: int = 2500, repeats: int = 1) -> str:
     timed("ntkit KernelOperator.matmul (1 process, torch 1 thread, symmetric:"
           " half the tiles)", lambda: KernelOperator(NET, X, tile=chunks).matmul(v).numpy(), 1)
 
-    names = list(times)
-    ref_name = names[0]
-    ref = times[ref_name]
+    ref_runs, ref_out = times[next(iter(times))]
+    ref_median = float(np.median(ref_runs))
     lines = [f"# Dask: K @ v for N = {n:,}, d = {D} ({(n + chunks - 1) // chunks}² blocks of "
              f"{chunks}), NTK of a 1-hidden-layer ReLU net", "",
-             f"Best of {repeats} run(s) each, on 2 CPU cores shared with other jobs. Every Dask "
+             stamp(1, None, shared), "",
+             f"{repeats} runs each (median and range). Every Dask "
              "row computes all blocks of the same graph (`dask_kernel(...) @ v`); only the "
              "vector comes back. Dask's nanny sets OMP_NUM_THREADS=1 in the LocalCluster "
              "workers, so each runs torch on one thread; the single-process rows use one torch "
-             "thread too, because torch's OpenMP pool degrades badly on cores shared with "
-             "other jobs (an earlier run: 187 s with 2 threads vs 69 s with 1).", "",
-             "| backend | time (s) | speed-up vs first row | max abs diff vs first row |",
+             "thread too, so every row uses at most 2 cores in total.", "",
+             "| backend | time (s): median (min-max) | speed-up vs first row (median; range) "
+             "| max abs diff vs first row |",
              "|---|---|---|---|"]
-    for name, (seconds, out) in times.items():
-        diff = float(np.abs(out - ref[1]).max())
-        lines.append(f"| {name} | {seconds:.1f} | {ref[0] / seconds:.2f}x | {diff:.1e} |")
+    for name, (runs, out) in times.items():
+        median = float(np.median(runs))
+        diff = float(np.abs(out - ref_out).max())
+        lines.append(f"| {name} | {median:.1f} ({runs[0]:.1f}-{runs[-1]:.1f}) | "
+                     f"{ref_median / median:.2f}x ({min(ref_runs) / runs[-1]:.2f}-"
+                     f"{max(ref_runs) / runs[0]:.2f}x) | {diff:.1e} |")
+    lines += ["", "The speed-up range pairs the slowest with the fastest runs (its widest "
+              "possible spread)."]
     table = "\n".join(lines) + "\n"
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "scale_dask.md").write_text(table)
+    if write_results:
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "scale_dask.md").write_text(table)
     print(table)
     return table
 
 
 if __name__ == "__main__":
-    which = sys.argv[1] if len(sys.argv) > 1 else "all"
-    if len(sys.argv) > 2:  # torch intra-op threads; 1 is faster when the cores are shared
-        torch.set_num_threads(int(sys.argv[2]))
-    if which in ("dask", "all"):
-        part_dask()
-    if which in ("cg", "all"):
-        part_cg()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("which", nargs="?", default="all", choices=("cg", "dask", "all"))
+    add_common_args(parser, "N = 4,000 (dask) / 6,000 (cg); writes no table")
+    parser.set_defaults(repeats=3)
+    args = parser.parse_args()
+    set_threads(args.threads)  # torch intra-op threads of the cg part; 1 on shared cores
+    if args.which in ("dask", "all"):
+        if args.quick:
+            part_dask(4000, 1000, repeats=args.repeats, write_results=False)
+        else:
+            part_dask(repeats=args.repeats, shared=args.shared)
+    if args.which in ("cg", "all"):
+        if args.quick:
+            part_cg(6000, 1500, n_landmarks=500, tile=1024, write_results=False)
+        else:
+            part_cg(shared=args.shared)
