@@ -360,7 +360,7 @@ def run(experiments: tuple[str, ...] = EXPERIMENTS, scale: str = "default",
     run_dir = RunDir(out)
     run_dir.check_targets([], force=force, resume=resume)  # a folder that is not ntkit's
     plan = plan_run(run_dir, EXPERIMENTS, experiments, key, resume=resume, force=force,
-                    notify=notify, problem=problem)
+                    problem=problem)
     final = [name for name in EXPERIMENTS if name in experiments or name in plan["merge"]]
     computed = [name for name in experiments if name not in plan["reuse"]]
     targets = (["results.json", "timings.json", "report.md"]
@@ -371,6 +371,8 @@ def run(experiments: tuple[str, ...] = EXPERIMENTS, scale: str = "default",
     run_dir.check_writable(["", CHECKPOINT_DIR])
 
     # ---- from here on the folder is ntkit's and every write is known to be allowed
+    for message in plan["notices"]:
+        notify(message)
     if not run_dir.has_manifest:
         run_dir.claim()
     for rel in plan["set_aside"]:

@@ -86,14 +86,16 @@ def read_saved_run(run_dir: RunDir, problem: Problem) -> tuple[dict | None, dict
 
 
 def plan_run(run_dir: RunDir, names: tuple[str, ...], experiments: tuple[str, ...], key: dict,
-             *, resume: bool, force: bool, notify: Callable[[str], None],
-             problem: Problem) -> dict:
+             *, resume: bool, force: bool, problem: Problem) -> dict:
     """Decide, before any computation, what is reused, merged, recomputed and replaced.
 
-    Raises ``ValueError`` when the run would overwrite a file ntkit did not write, or (unless
-    ``force``) replace results of a run with other settings.
+    Returns ``reuse`` and ``merge`` (name -> (results, seconds)), ``set_aside`` (damaged
+    checkpoints to rename), ``replace`` (whether a run of other settings is replaced) and
+    ``notices`` (messages for the user, to show once the run is known to go ahead).
+    Raises ``ValueError`` when (unless ``force``) the run would replace results of a run
+    with other settings.
     """
-    reuse, merge, set_aside, replaced = {}, {}, [], {}
+    reuse, merge, set_aside, replaced, notices = {}, {}, [], {}, []
     saved_doc, saved_seconds = read_saved_run(run_dir, problem)
     if saved_doc is not None and saved_doc["experiments"]:
         if saved_doc.get("key") == key:
@@ -108,11 +110,12 @@ def plan_run(run_dir: RunDir, names: tuple[str, ...], experiments: tuple[str, ..
         if status == "damaged":
             if name in experiments:
                 set_aside.append(rel)
-                notify(f"Checkpoint {str(run_dir.path / rel)!r} is malformed: {saved}. It is "
-                       f"kept as {rel}.damaged and {name!r} is recomputed.")
+                notices.append(f"Checkpoint {str(run_dir.path / rel)!r} is malformed: {saved}. "
+                               f"It is kept as {rel}.damaged (numbered if that name is taken) "
+                               f"and {name!r} is recomputed.")
             else:
-                notify(f"Checkpoint {str(run_dir.path / rel)!r} is malformed: {saved}. "
-                       f"{name!r} is not part of this run; the file is left as it is.")
+                notices.append(f"Checkpoint {str(run_dir.path / rel)!r} is malformed: {saved}. "
+                               f"{name!r} is not part of this run; the file is left as it is.")
             continue
         if status != "ok":
             continue
@@ -124,10 +127,11 @@ def plan_run(run_dir: RunDir, names: tuple[str, ...], experiments: tuple[str, ..
         elif name in experiments:
             replaced[rel] = (saved["key"], [name])
     if replaced and not force:
-        lines = "; ".join(f"{rel}: {', '.join(names)} with {_describe(old)}"
-                          for rel, (old, names) in replaced.items())
+        lines = "; ".join(f"{rel}: {', '.join(exps)} with {_describe(old)}"
+                          for rel, (old, exps) in replaced.items())
         raise ValueError(
             f"{str(run_dir.path)!r} holds results of a run with other settings ({lines}). This "
             f"run ({_describe(key)}) would replace them. Choose another folder with --out, "
             "or pass --force to replace that run (ntkit's own files of it only).")
-    return {"reuse": reuse, "merge": merge, "set_aside": set_aside, "replace": bool(replaced)}
+    return {"reuse": reuse, "merge": merge, "set_aside": set_aside, "replace": bool(replaced),
+            "notices": notices}

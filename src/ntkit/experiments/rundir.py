@@ -102,8 +102,8 @@ class RunDir:
             raise ValueError(
                 f"{str(self.path)!r} holds files that ntkit would write but did not write, or "
                 f"that were changed since ntkit wrote them: {', '.join(clash)}. ntkit never "
-                "overwrites them, even with --force. Move or rename them, or choose another "
-                "folder with --out.")
+                "overwrites them, even with --force. Move or rename them (or, for a new run, "
+                "choose another folder with --out).")
 
     def check_writable(self, folders: list[str]) -> None:
         """Create ``folders`` (relative, ``""`` is the run folder) and prove each writable.
