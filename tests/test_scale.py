@@ -349,6 +349,23 @@ def test_a_foreign_zarr_group_is_never_deleted(tmp_path):
     assert kernel_matrix(NET, X, out=empty, progress=False).attrs["ntkit_complete"] is True
 
 
+def test_resume_false_replaces_only_what_ntkit_wrote(tmp_path):
+    import json
+
+    X = _data(20, d=3)
+    path = tmp_path / "k.zarr"
+    kernel_matrix(NET, X, tile=8, out=path, progress=False)
+    (path / "README.txt").write_text("the user's note about this kernel")
+    meta = json.loads((path / "zarr.json").read_text())
+    del meta["attributes"]["ntkit_format"]  # as written by ntkit 0.1 (fingerprint of repr)
+    (path / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="older ntkit.*pass resume=False to overwrite it"):
+        kernel_matrix(NET, X, tile=8, out=path, progress=False)
+    arr = kernel_matrix(NET, X, tile=8, out=path, resume=False, progress=False)
+    assert arr.attrs["ntkit_format"] == 2 and arr.attrs["ntkit_complete"] is True
+    assert (path / "README.txt").read_text() == "the user's note about this kernel"
+
+
 # ----------------------------------------------------------------------------- damage
 def _chunk(path, key):
     return path / "c" / key[0] / key[1]

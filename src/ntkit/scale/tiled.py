@@ -204,7 +204,8 @@ def _describe_existing(path: Path) -> dict | None:
             node_type, attrs = None, {}
             what = "a non-empty directory that is not a zarr v3 array"
         if what is None and node_type != "array":
-            what = f"a zarr {node_type}" if node_type else "a directory with an unreadable zarr.json"
+            what = (f"a zarr {node_type}" if node_type
+                    else "a directory with an unreadable zarr.json")
         elif what is None and not ({"ntkit_format", "ntkit_fingerprint"} & set(attrs)):
             what = "a zarr array without ntkit's marker attributes"
         if what is None:
