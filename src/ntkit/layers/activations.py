@@ -259,24 +259,25 @@ class Erf(Activation):
         return (2.0 / math.sqrt(math.pi)) * torch.exp(-x * x)
 
     def dual(self, cov, var1, var2, need_dot=True):
-        # arcsin argument 2cov/sqrt((1+2var1)(1+2var2)); the square roots cost O(N) per tile
-        spread = (1 + 2 * var1) * (1 + 2 * var2)
+        # arcsin argument 2cov/sqrt((1+2var1)(1+2var2)). The two inverse square roots are taken
+        # before the product: O(N) per tile, and no overflow of the product at var ~ 1e154
+        # (1e19 in float32), which would give a finite wrong 0.
+        inv = torch.rsqrt(1 + 2 * var1) * torch.rsqrt(1 + 2 * var2)
         if _tracking(cov, var1, var2):
-            arg = (2 * cov * spread.rsqrt()).clamp(-1, 1)
+            arg = (2 * cov * inv).clamp(-1, 1)
             nngp = torch.arcsin(arg) * (2 / math.pi)
             dot = None
             if need_dot:
-                det = (1 - arg * arg) * spread
-                dot = det.clamp(min=1.0).rsqrt() * (4 / math.pi)
+                # 1/sqrt((1+2var1)(1+2var2) − 4cov²) = inv/sqrt(1 − arg²), and it is <= 1
+                dot = torch.clamp(inv * torch.rsqrt(1 - arg * arg), max=1.0) * (4 / math.pi)
             return nngp, dot
-        arg = (2 * cov).mul_(spread.rsqrt()).clamp_(-1, 1)
+        arg = (2 * cov).mul_(inv).clamp_(-1, 1)
         nngp = torch.arcsin(arg).mul_(2 / math.pi)
         dot = None
         if need_dot:
-            # (1+2var1)(1+2var2) − 4cov² = (1 − arg²)·spread, and it is >= 1 (so the clamp)
             one = torch.ones((), dtype=arg.dtype, device=arg.device)
-            det = torch.addcmul(one, arg, arg, value=-1.0).mul_(spread)
-            dot = det.clamp_(min=1.0).rsqrt_().mul_(4 / math.pi)
+            dot = torch.addcmul(one, arg, arg, value=-1.0).rsqrt_().mul_(inv)
+            dot = dot.clamp_(max=1.0).mul_(4 / math.pi)
         return nngp, dot
 
     def __repr__(self):
@@ -398,6 +399,7 @@ _T_LEVELS = 5                # steps 0.45·2^(-l/2), l = 0..4 (down to 0.11); th
                              # which need fewer nodes from there on
 _LEGENDRE = 8                # Gauss–Legendre nodes per panel
 _P_BASE = np.concatenate([[-_Z], np.arange(-6.0, 6.5, 1.0), [_Z]])
+_MAX_GRADED = 64             # graded levels: features down to 2^-64 of the Gaussian's width
 _CHUNK_NODES = 1 << 21       # entries x outer x inner nodes per chunk (16 MiB in float64)
 _SQRT_2PI = math.sqrt(2.0 * math.pi)
 
@@ -490,12 +492,16 @@ def _quadrature_dual(values, feature: float, cov, var1, var2, need_dot: bool,
     sigma = s2 * r
     scale = 0.5 if refine else 1.0
     with torch.no_grad():
-        finite = torch.isfinite(c) & torch.isfinite(v1) & torch.isfinite(v2)
+        # Non-finite inputs, a var1·var2 that overflowed (rho would come out 0), and scales
+        # beyond the graded rule's reach (s > ~1e18: more than _MAX_GRADED halvings) give NaN:
+        # never a finite wrong number; the evaluator reports the rows.
+        finite = torch.isfinite(c) & torch.isfinite(v1 * v2)
         d_out = torch.minimum(feature / s1, torch.maximum(sigma, torch.full_like(sigma, feature))
                               / (rho.abs() * s2))
         d_in = feature / sigma
         code_out = _rule_code(scale * d_out) + (1 if refine else 0)
         code_in = _rule_code(scale * d_in) + (1 if refine else 0)
+        finite &= (code_out < _T_LEVELS + _MAX_GRADED) & (code_in < _T_LEVELS + _MAX_GRADED)
         key = torch.where(finite, code_out * 1000 + code_in, torch.full_like(code_out, -1))
         keys = torch.unique(key).tolist()
     nngp = torch.full_like(c, math.nan)
