@@ -33,7 +33,7 @@ import torch
 
 import ntkit as nk
 from ntkit.scale import KernelOperator, dask_kernel, kernel_matrix, solve
-from common import RESULTS, add_common_args, set_threads, stamp
+from common import RESULTS, add_common_args, set_threads, stamp, write_table
 D = 50
 NET = nk.mlp(2, 512)  # the analytic kernel does not depend on the width
 
@@ -195,9 +195,9 @@ def part_dask(n: int = 20_000, chunks: int = 2500, repeats: int = 3,
               "possible spread)."]
     table = "\n".join(lines) + "\n"
     if write_results:
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "scale_dask.md").write_text(table)
-    print(table)
+        write_table("scale_dask", table)
+    else:
+        print(table)
     return table
 
 
