@@ -235,14 +235,14 @@ def test_symmetric_blocked_gram(monkeypatch, method):
     # inside each diagonal block too: the result is symmetric bit for bit, by construction
     # (gemm does not promise equal (i, j) and (j, i) entries). Tiny Gram blocks
     # (_SYM_BLOCK = 2) and several row blocks (batch_size = 4) exercise every copy.
-    from ntkit.kernels import empirical
+    from ntkit.kernels.empirical import gram
 
     model = nk.mlp(3, 8, "relu", out_dim=2).module(3, seed=0, dtype=F64)
     x = torch.randn(11, 3, dtype=F64)
     atol = schedule_atol(model, x)
     whole = {o: nk.empirical_ntk(model, x, method=method, output=o)
              for o in ("trace", "diagonal", "full")}
-    monkeypatch.setattr(empirical, "_SYM_BLOCK", 2)
+    monkeypatch.setattr(gram, "_SYM_BLOCK", 2)
     naive = naive_ntk(model, x)
     for output in ("trace", "diagonal", "full"):
         for bs in (None, 4):
@@ -260,19 +260,19 @@ def test_symmetric_blocked_gram(monkeypatch, method):
 def test_matmul_t_is_exactly_symmetric(monkeypatch):
     # Directly on the Gram helper, at sizes that take the single-block and the blocked
     # branches, with shapes that leave gemm tails (odd rows and columns).
-    from ntkit.kernels import empirical
+    from ntkit.kernels.empirical import gram
 
     g = torch.Generator().manual_seed(0)
     for block, n, p in ((256, 37, 53), (256, 300, 7), (5, 23, 61)):
-        monkeypatch.setattr(empirical, "_SYM_BLOCK", block)
+        monkeypatch.setattr(gram, "_SYM_BLOCK", block)
         u = torch.randn(n, p, generator=g, dtype=F64)
-        gram = empirical._matmul_t(u, u)
-        assert torch.equal(gram, gram.T), (block, n, p)
+        product = gram._matmul_t(u, u)
+        assert torch.equal(product, product.T), (block, n, p)
         # Entry error vs an exact-enough reference: each entry is a length-p dot product,
         # within p·eps·|u_i||u_j| ≤ p·eps·max|u_i|² of the exact value.
         exact = (u.to(torch.float64) @ u.T.to(torch.float64))
         bound = p * torch.finfo(F64).eps * float((u * u).sum(1).max())
-        assert float((gram - exact).abs().max()) <= bound
+        assert float((product - exact).abs().max()) <= bound
 
 
 # --------------------------------------------------------------------------- per parameter
@@ -401,9 +401,9 @@ def test_random_forward_gets_the_eval_message(monkeypatch):
     # it by the translation of vmap's randomness error.
     with pytest.raises(ValueError, match=RANDOM):
         nk.empirical_ntk(PrivateNoise(), x, method="jacobian")
-    from ntkit.kernels import empirical
+    from ntkit.kernels.empirical import setup
 
-    monkeypatch.setattr(empirical, "_check_batch_coupling", lambda *args: None)
+    monkeypatch.setattr(setup, "_check_batch_coupling", lambda *args: None)
     for method in GENERIC:
         with pytest.raises(ValueError, match=RANDOM) as info:
             nk.empirical_ntk(PrivateNoise(), x, method=method)

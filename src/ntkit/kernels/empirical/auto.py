@@ -1,0 +1,44 @@
+"""``method="auto"``: the cost model and the rule that picks a method from the table.
+
+With F the forward FLOPs of one example (counted by ``torch.utils.flop_counter`` in the
+set-up probe), P the number of selected parameters and k = O² for ``"full"``, O otherwise:
+
+* a specialised method (``structured``) whenever the model qualifies: it is exact and
+  cheaper than either general method by about a factor P / Σ_l n_l;
+* otherwise ``jacobian`` ≈ 3 F O (N1 + N2) + 2 N1 N2 P k and ``ntk_vp`` ≈ 3 F O N2 +
+  3 F O N1 N2 (× the number of parameter tensors when ``per_param``); the smaller estimate
+  wins (the first in table order on a tie).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from .method import Method
+from .setup import _Setup
+
+
+def jacobian_cost(setup: _Setup, output: str, per_param: bool) -> float:
+    """FLOPs of ``jacobian``: per-example Jacobians, then one Gram per block pair."""
+    o, p, f = setup.n_out, setup.n_params, setup.flops
+    k = o * o if output == "full" else o
+    return 3.0 * f * o * (setup.n1 + setup.n2) + 2.0 * setup.n1 * setup.n2 * p * k
+
+
+def ntk_vp_cost(setup: _Setup, output: str, per_param: bool) -> float:
+    """FLOPs of ``ntk_vp``: x2-side Jacobians, then one jvp per (x1 row, x2 direction)."""
+    o, f = setup.n_out, setup.flops
+    return 3.0 * f * o * setup.n2 + 3.0 * f * o * setup.n1 * setup.n2 * (
+        len(setup.params) if per_param else 1)
+
+
+def choose(table: Mapping[str, Method], setup: _Setup, output: str, per_param: bool) -> str:
+    """The name of the method ``"auto"`` uses for this call."""
+    costs: dict[str, float] = {}
+    for name, method in table.items():
+        if method.unsupported is not None and method.unsupported(setup) is not None:
+            continue
+        if method.cost is None:  # specialised and applicable: exact structure beats estimates
+            return name
+        costs[name] = method.cost(setup, output, per_param)
+    return min(costs, key=costs.get)
