@@ -74,7 +74,8 @@ def finite_max_abs(t: torch.Tensor) -> float | None:
         return 0.0
     if not t.is_floating_point():
         return float(t.to(torch.float64).abs().max())
-    lo, hi = torch.aminmax(t)
+    # Detached: a float of a tensor that requires grad warns, and only the value matters.
+    lo, hi = torch.aminmax(t.detach())
     if bool(torch.isfinite(lo) & torch.isfinite(hi)):
         return max(-float(lo), float(hi))
     return None
@@ -174,3 +175,18 @@ def format_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+def check_scale(value: Any, name: str) -> float | torch.Tensor:
+    """A finite, non-negative scale such as ``W_std``: a float, or a 0-d floating tensor.
+
+    A tensor is kept as it is (not converted to a float), so that a kernel computed with it
+    can be differentiated with respect to it (kernel learning); its value is checked now.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.ndim != 0 or not value.is_floating_point():
+            raise ValueError(f"{name} must be a real number or a 0-d floating tensor; got a "
+                             f"tensor of shape {tuple(value.shape)} and dtype {value.dtype}.")
+        check_nonnegative(float(value.detach()), name)
+        return value
+    return check_nonnegative(value, name)

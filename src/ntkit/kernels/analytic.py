@@ -14,7 +14,8 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .._validation import as_input_pair, available_memory, format_bytes, resolve_dtype
+from .._validation import (_describe_rows, as_input_pair, available_memory, format_bytes,
+                           resolve_dtype)
 from ..layers.base import Layer, PairKernel
 
 KERNEL_NAMES = ("nngp", "ntk")
@@ -64,19 +65,6 @@ def _tile_size(memory_budget: int | None, n_kernels: int, itemsize: int, heavy: 
     return side
 
 
-def _uses_quadrature(net: Layer) -> bool:
-    from ..layers.activations import Elementwise
-    from ..layers.combinators import Parallel, Serial
-
-    if isinstance(net, Elementwise):
-        return True
-    if isinstance(net, Serial):
-        return any(_uses_quadrature(layer) for layer in net.layers)
-    if isinstance(net, Parallel):
-        return any(_uses_quadrature(b) for b in net.branches)
-    return False
-
-
 def _final(state: Any) -> PairKernel:
     if not isinstance(state, PairKernel):
         raise ValueError(f"The network ends with {len(state)} branches; end it with FanInSum().")
@@ -90,7 +78,7 @@ def _row_fingerprints(t: torch.Tensor) -> torch.Tensor:
     fingerprints whatever the reduction order; ``+ 0.0`` maps -0.0 to 0.0 first. One pass
     over the inputs, where ``torch.unique(dim=0)`` sorts whole rows.
     """
-    bits = (t + 0.0).contiguous().reshape(t.shape[0], -1)
+    bits = (t.detach() + 0.0).contiguous().reshape(t.shape[0], -1)
     if t.element_size() == 2:
         return bits.view(torch.int16).sum(dim=1, dtype=torch.int32)
     return bits.view(torch.int32).sum(dim=1, dtype=torch.int32)
@@ -127,6 +115,82 @@ def _shared_row_ids(t1: torch.Tensor, t2: torch.Tensor | None):
     return ids1, ids2
 
 
+def _upper_mask(size: int, device: torch.device) -> torch.Tensor:
+    """``(size, size)`` bool mask of the upper triangle, diagonal included."""
+    return torch.ones(size, size, dtype=torch.bool, device=device).triu_()
+
+
+def _mirror_upper(tile: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
+    """The square ``tile`` with its strict lower triangle replaced by the upper one.
+
+    Elementwise maps are symmetric in their two arguments only up to rounding: the
+    vectorised body and the scalar tail of a loop, or FMA contraction, may round the
+    (i, j) and (j, i) entries differently depending on the machine. Copying one triangle
+    makes ``K == K.T`` hold by construction, at one pass over the tile.
+    """
+    m = tile.shape[0]
+    return torch.where(upper[:m, :m], tile, tile.T)
+
+
+def _not_finite(t: torch.Tensor) -> torch.Tensor:
+    """0-d bool tensor: does ``t`` hold NaN or infinity? One pass, no mask, no sync."""
+    lo, hi = torch.aminmax(t.detach())
+    return ~(torch.isfinite(lo) & torch.isfinite(hi))
+
+
+def _overflow_error(net: Layer, names: tuple[str, ...], dtype: torch.dtype,
+                    inputs: Sequence[tuple[str, torch.Tensor]],
+                    results: dict[str, torch.Tensor] | None) -> ValueError:
+    """The error for a non-finite kernel, naming the rows that cause it.
+
+    A kernel entry is bounded by its rows' self-kernels, so the rows to blame are those
+    whose self-kernel ``k(x, x)`` is not finite: found in O(N d) by the diagonal mode. If no
+    self-kernel overflows (an activation misbehaving off the diagonal), the rows holding
+    non-finite entries are named instead.
+    """
+    parts: list[str] = []
+    largest = 0.0
+    for label, t in inputs:
+        with torch.no_grad():
+            diag = _diagonal_kernels(net, t.detach(), names)
+        # The input's own Gram entry, then what the network makes of it.
+        bad = ~torch.isfinite(torch.linalg.vecdot(t.detach(), t.detach()) / t.shape[1])
+        for name in names:
+            bad |= ~torch.isfinite(getattr(diag, name))
+        rows = bad.nonzero().flatten()
+        if rows.numel():
+            parts.append(f"rows [{_describe_rows(rows.cpu())}] of {label}")
+            largest = max(largest, float(t.detach()[rows].abs().max()))
+    if not parts and results is not None:
+        for name in names:
+            bad = ~torch.isfinite(results[name])
+            if bool(bad.any()):
+                parts.append(f"rows [{_describe_rows(bad.any(dim=1).nonzero().flatten().cpu())}]"
+                             f" of {inputs[0][0]} (entries off the diagonal)")
+                break
+    where = " and ".join(parts) if parts else "some rows"
+    scale = f" Their largest |feature| is {largest:.3g}." if largest else ""
+    remedy = ("rescale the inputs (e.g. standardise the features)"
+              + (" or compute in dtype=torch.float64" if dtype != torch.float64 else "")
+              + ", or reduce W_std or the depth if the network amplifies its input")
+    return ValueError(
+        f"The {'/'.join(names)} kernel is not finite (NaN or infinity) for {where}: the "
+        f"kernel values overflow {dtype} (largest finite value "
+        f"{torch.finfo(dtype).max:.3g}).{scale} To fix it, {remedy}.")
+
+
+def _diagonal_kernels(net: Layer, t1: torch.Tensor, names: tuple[str, ...]) -> Kernels:
+    """``k(x, x)`` for each row of ``t1``: ``(N,)`` kernels in O(N d)."""
+    n0 = t1.shape[1]
+    var = (t1 * t1).sum(dim=1) / n0
+    state = PairKernel(cov=var, var1=var, var2=var,
+                       ntk=torch.zeros_like(var) if "ntk" in names else None, width=n0,
+                       diagonal=True)
+    final = _final(net.kernel_map(state))
+    return Kernels(nngp=final.cov if "nngp" in names else None,
+                   ntk=final.ntk if "ntk" in names else None)
+
+
 def analytic_kernel(net: Layer, x1: Any, x2: Any | None = None,
                     get: str | Sequence[str] = KERNEL_NAMES, diagonal: bool = False, *,
                     dtype: Any = None, memory_budget: int | None = None,
@@ -135,6 +199,11 @@ def analytic_kernel(net: Layer, x1: Any, x2: Any | None = None,
 
     ``out`` may supply preallocated ``(N1, N2)`` tensors by name (used by the out-of-core
     paths); they are filled in place.
+
+    A kernel that is not finite raises ``ValueError`` naming the rows of ``x1``/``x2`` whose
+    self-kernels overflow. The result is differentiable with respect to inputs that require
+    grad (and tensor hyperparameters such as ``Dense(W_std=tensor)``); tiles are then joined
+    by concatenation rather than written in place.
     """
     names = normalize_get(get)
     dtype = resolve_dtype(dtype)
@@ -145,13 +214,10 @@ def analytic_kernel(net: Layer, x1: Any, x2: Any | None = None,
     if diagonal:
         if t2 is not None:
             raise ValueError("diagonal=True computes k(x, x) for x1 only; pass x2=None.")
-        var = (t1 * t1).sum(dim=1) / n0
-        state = PairKernel(cov=var, var1=var, var2=var,
-                           ntk=torch.zeros_like(var) if want_ntk else None, width=n0,
-                           diagonal=True)
-        final = _final(net.kernel_map(state))
-        return Kernels(nngp=final.cov if "nngp" in names else None,
-                       ntk=final.ntk if want_ntk else None)
+        kernels = _diagonal_kernels(net, t1, names)
+        if bool(_not_finite(torch.stack([getattr(kernels, n) for n in names]))):
+            raise _overflow_error(net, names, dtype, [("x1", t1)], None)
+        return kernels
 
     symmetric = t2 is None
     t2 = t1 if symmetric else t2
@@ -167,8 +233,6 @@ def analytic_kernel(net: Layer, x1: Any, x2: Any | None = None,
                 f"but only {format_bytes(free)} is available on {t1.device}. Compute it out of "
                 "core with ntkit.scale.kernel_matrix(..., out=PATH), or solve without forming "
                 "it with ntkit.scale.solve(..., method='cg').")
-        for name in names:
-            results[name] = torch.empty(n1, n2, dtype=dtype, device=t1.device)
     else:
         for name in names:
             buf = out[name]
@@ -178,11 +242,22 @@ def analytic_kernel(net: Layer, x1: Any, x2: Any | None = None,
 
     sq1 = torch.linalg.vecdot(t1, t1) / n0
     sq2 = sq1 if symmetric else torch.linalg.vecdot(t2, t2) / n0
+    inputs = [("x1", t1)] if symmetric else [("x1", t1), ("x2", t2)]
+    # An input whose own Gram entry overflows has no usable kernel, even where a layer
+    # would turn inf into a finite number (LayerNorm: x.x'/sqrt(inf) = 0): refuse it here.
+    if bool(_not_finite(sq1) | _not_finite(sq2)):
+        raise _overflow_error(net, names, dtype, inputs, None)
     ids1, ids2 = _shared_row_ids(t1, None if symmetric else t2)
-    quadrature = _uses_quadrature(net)
-    size = _tile_size(memory_budget, len(names), itemsize, quadrature)
+    size = _tile_size(memory_budget, len(names), itemsize, bool(net.uses_quadrature))
+    upper = _upper_mask(min(size, n1), t1.device) if symmetric else None
     # The NTK of the raw input is 0; a 0-d tensor broadcasts without filling a tile.
     zero = torch.zeros((), dtype=dtype, device=t1.device)
+    # One 0-d flag accumulated on the device: no host sync per tile.
+    not_finite = torch.zeros((), dtype=torch.bool, device=t1.device)
+    # With autograd tracking (inputs or hyperparameters that require grad) tiles are kept
+    # and concatenated: in-place writes into one buffer would make backward copy the whole
+    # kernel once per tile. Decided from the first tile, which sees every tracked input.
+    tracked: dict[str, dict[tuple[int, int], torch.Tensor]] | None = None
     for rows in _tiles(n1, size):
         for cols in _tiles(n2, size):
             if symmetric and cols.start < rows.start:
@@ -191,23 +266,50 @@ def analytic_kernel(net: Layer, x1: Any, x2: Any | None = None,
             if ids1 is not None:
                 same = ids1[rows, None] == ids2[None, cols]
                 cov = torch.where(same, sq1[rows, None].expand_as(cov), cov)
-            if symmetric and cols == rows:
+            on_diagonal = symmetric and cols == rows
+            if on_diagonal:
                 # A Gram tile from gemm is symmetric only up to rounding, and its diagonal may
                 # differ from the row norms in the last bit (which arccos would amplify to
                 # ~1e-8 at rho = 1). Make both exact.
-                cov = (cov + cov.T).mul_(0.5)
+                cov = _mirror_upper(cov, upper)
                 cov.diagonal().copy_(sq1[rows])
             state = PairKernel(cov=cov, var1=sq1[rows, None], var2=sq2[None, cols],
                                ntk=zero if want_ntk else None, width=n0)
             final = _final(net.kernel_map(state))
             for name in names:
                 tile = final.cov if name == "nngp" else final.ntk
-                if quadrature and symmetric and cols == rows:
-                    # Closed forms are symmetric already; a quadrature rule treats its two
-                    # arguments differently and is symmetric only to its accuracy.
-                    tile = (tile + tile.T).mul_(0.5)
+                if on_diagonal:
+                    tile = _mirror_upper(tile, upper)
+                not_finite |= _not_finite(tile)
+                if not results and tracked is None:  # the first tile decides
+                    if tile.requires_grad:
+                        tracked = {n: {} for n in names}
+                    else:
+                        for n in names:
+                            results[n] = torch.empty(n1, n2, dtype=dtype, device=t1.device)
+                if tracked is not None:
+                    tracked[name][rows.start, cols.start] = tile
+                    continue
                 target = results[name]
                 target[rows, cols] = tile
                 if symmetric and cols.start != rows.start:
                     target[cols, rows] = tile.T
+    if tracked is not None:
+        for name, tiles in tracked.items():
+            results[name] = _assemble(tiles, n1, n2, size, symmetric)
+    if bool(not_finite):
+        raise _overflow_error(net, names, dtype, inputs, results)
     return Kernels(nngp=results.get("nngp"), ntk=results.get("ntk"))
+
+
+def _assemble(tiles: dict[tuple[int, int], torch.Tensor], n1: int, n2: int, size: int,
+              symmetric: bool) -> torch.Tensor:
+    """Join tiles keyed by their (row, column) starts into the ``(n1, n2)`` kernel; for a
+    symmetric kernel only the tiles on and above the diagonal are given."""
+    rows = []
+    for r in range(0, n1, size):
+        row = []
+        for c in range(0, n2, size):
+            row.append(tiles[r, c] if not symmetric or c >= r else tiles[c, r].T)
+        rows.append(torch.cat(row, dim=1))
+    return torch.cat(rows, dim=0)

@@ -59,6 +59,23 @@ class Layer:
     def kernel_map(self, k: KernelState) -> KernelState:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    @property
+    def uses_quadrature(self) -> bool:
+        """Whether this layer's kernel map evaluates a numerical quadrature rule.
+
+        The evaluator uses it to pick a smaller tile (a quadrature layer keeps
+        ``degree``-sized temporaries per entry). The default answers for composites
+        without being told: a layer uses quadrature if any :class:`Layer` held in its
+        attributes (directly, or in a tuple or list) does, so a user-defined block wrapping
+        ``nk.Tanh()`` is tiled like the built-in combinators. Leaf layers that integrate
+        numerically override it to return True.
+        """
+        # Transitional: until ``Elementwise`` answers for itself, recognise it by class
+        # name (importing activations here would be circular).
+        if any(cls.__name__ == "Elementwise" for cls in type(self).__mro__):
+            return True
+        return any(child.uses_quadrature for child in _child_layers(self))
+
     def build(self, in_dim: Any, generator: torch.Generator | None, dtype: torch.dtype,
               device: torch.device | None) -> torch.nn.Module:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -115,3 +132,12 @@ class Layer:
         fields = getattr(self, "__dataclass_fields__", {})
         args = ", ".join(f"{name}={getattr(self, name)!r}" for name in fields)
         return f"{type(self).__name__}({args})"
+
+
+def _child_layers(layer: Layer) -> list[Layer]:
+    """The layers held in ``layer``'s instance attributes, directly or in a tuple/list."""
+    children: list[Layer] = []
+    for value in getattr(layer, "__dict__", {}).values():
+        items = value if isinstance(value, (tuple, list)) else (value,)
+        children.extend(item for item in items if isinstance(item, Layer) and item is not layer)
+    return children

@@ -35,6 +35,10 @@ class Serial(Layer):
             k = layer.kernel_map(k)
         return k
 
+    @property
+    def uses_quadrature(self) -> bool:
+        return any(layer.uses_quadrature for layer in self.layers)
+
     def build(self, in_dim, generator, dtype, device):
         modules = []
         for layer in self.layers:
@@ -98,6 +102,10 @@ class Parallel(Layer):
         self._check(len(k))
         return tuple(b.kernel_map(ki) for b, ki in zip(self.branches, k))
 
+    @property
+    def uses_quadrature(self) -> bool:
+        return any(branch.uses_quadrature for branch in self.branches)
+
     def build(self, in_dim, generator, dtype, device):
         self.out_dim(in_dim)
         return ParallelModule([b.build(d, generator, dtype, device)
@@ -157,14 +165,19 @@ class LayerNorm(Layer):
         if not isinstance(k, PairKernel):
             raise ValueError("LayerNorm() received several branches; use FanInSum() first.")
         norm = torch.sqrt(k.var1 * k.var2)
-        inv = torch.where(norm > 0, 1 / torch.where(norm > 0, norm, torch.ones_like(norm)),
-                          torch.zeros_like(norm))
+        positive = norm > 0
+        # Divide rather than multiply by 1/norm: sqrt(v·v) == v in IEEE arithmetic, so an
+        # entry with cov = var1 = var2 (an example with itself) becomes exactly 1, as its
+        # unit variance says; v·(1/v) may be 1 - ulp, which a following arccos (ReLU
+        # family) turns into a ~1e-8 error and finite differences into noise. The inner
+        # `where` keeps the gradient finite at zero-variance rows.
+        safe = torch.where(positive, norm, torch.ones_like(norm))
+        cov = torch.where(positive, k.cov / safe, 0.0)
         unit1 = (k.var1 > 0).to(k.cov.dtype)
         unit2 = (k.var2 > 0).to(k.cov.dtype)
-        cov = k.cov * inv
+        ntk = None if k.ntk is None else torch.where(positive, k.ntk / safe, 0.0)
         return k.replace(cov=cov, var1=cov if k.diagonal else unit1,
-                         var2=cov if k.diagonal else unit2,
-                         ntk=None if k.ntk is None else k.ntk * inv)
+                         var2=cov if k.diagonal else unit2, ntk=ntk)
 
     def build(self, in_dim, generator, dtype, device):
         return LayerNormModule(self.eps)

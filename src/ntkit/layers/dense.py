@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .._validation import check_choice, check_nonnegative, check_positive_int
+from .._validation import check_choice, check_positive_int, check_scale
 from .base import Layer, PairKernel
 
 PARAMETERIZATIONS = ("ntk", "standard")
@@ -25,13 +25,17 @@ class Dense(Layer):
     Kernel map: ``Σ' = W_std² Σ + b_std²`` in both; the NTK is
     ``Θ' = W_std² Θ + Σ'`` (ntk) or ``Θ' = W_std² Θ + n Σ + 1`` (standard, ``n`` the
     declared fan-in width), where ``Σ`` is the incoming covariance per feature.
+
+    ``W_std`` and ``b_std`` may be 0-d floating tensors with ``requires_grad=True``: the
+    analytic kernels are then differentiable in them (kernel learning). ``build`` uses
+    their current values.
     """
 
     def __init__(self, out_dim: int, W_std: float = 1.0, b_std: float = 0.0,
                  parameterization: str = "ntk"):
         self.out_dim_ = check_positive_int(out_dim, "out_dim")
-        self.W_std = check_nonnegative(W_std, "W_std")
-        self.b_std = check_nonnegative(b_std, "b_std")
+        self.W_std = check_scale(W_std, "W_std")
+        self.b_std = check_scale(b_std, "b_std")
         self.parameterization = check_choice(parameterization, "parameterization",
                                              PARAMETERIZATIONS)
 
@@ -46,26 +50,36 @@ class Dense(Layer):
             raise ValueError("Dense received several branches; combine them with FanInSum() "
                              "first.")
         w2, b2 = self.W_std ** 2, self.b_std ** 2
+        # Every operation makes a new tensor or updates one that no backward formula saved
+        # (the product's own output), so gradients flow to the inputs and to tensor scales.
         cov = (k.cov * w2).add_(b2)
         var1 = cov if k.diagonal else w2 * k.var1 + b2
         var2 = cov if k.diagonal else w2 * k.var2 + b2
         ntk = k.ntk
         if ntk is not None:
             if self.parameterization == "ntk":
-                ntk = torch.add(cov, ntk, alpha=w2)
+                # A tensor scale cannot be torch.add's alpha (a Python number).
+                ntk = (torch.add(cov, ntk, alpha=w2) if not isinstance(w2, torch.Tensor)
+                       else cov + ntk * w2)
             else:
                 ntk = torch.add(ntk * w2, k.cov, alpha=k.width).add_(1.0)
         return k.replace(cov=cov, var1=var1, var2=var2, ntk=ntk, width=self.out_dim_)
 
     def build(self, in_dim, generator, dtype, device):
         self.out_dim(in_dim)  # rejects several branches
-        return DenseModule(in_dim, self.out_dim_, self.W_std, self.b_std,
+        return DenseModule(in_dim, self.out_dim_, _value(self.W_std), _value(self.b_std),
                            self.parameterization, generator=generator, dtype=dtype,
                            device=device)
 
     def __repr__(self):
-        return (f"Dense({self.out_dim_}, W_std={self.W_std}, b_std={self.b_std}, "
+        return (f"Dense({self.out_dim_}, W_std={_value(self.W_std)!r}, "
+                f"b_std={_value(self.b_std)!r}, "
                 f"parameterization={self.parameterization!r})")
+
+
+def _value(scale: float | torch.Tensor) -> float:
+    """A scale's current value as a float (tensor scales are read, not tracked)."""
+    return float(scale.detach()) if isinstance(scale, torch.Tensor) else scale
 
 
 class DenseModule(torch.nn.Module):
