@@ -94,6 +94,7 @@ def inputs(n: int, dtype: torch.dtype) -> np.ndarray:
 def main(sizes: tuple[int, ...], repeats: int, threads: int, shared: bool) -> str:
     set_threads(threads)
     nt = NT(threads)
+    header = stamp(threads, nt, shared)  # the state the run starts from
     bandwidth = copy_bandwidth()
     rates = {dt: matmul_rate(dt) for dt in DTYPES}
     print(f"gemm {rates[torch.float32] / 1e9:.0f}/{rates[torch.float64] / 1e9:.0f} GFLOP/s, "
@@ -153,7 +154,7 @@ def main(sizes: tuple[int, ...], repeats: int, threads: int, shared: bool) -> st
     lines = [
         "# Analytic kernels: depth-4 MLP, NNGP + NTK, N x 784 inputs",
         "",
-        stamp(threads, nt, shared),
+        header,
         "",
         f"Times in ms as median / best of {repeats} calls after a warm-up, both libraries in "
         "this run on the same inputs. Machine ceilings measured in this run: gemm "

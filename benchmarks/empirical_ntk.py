@@ -200,6 +200,7 @@ def check(value, ref, o: int) -> float:
 def main(cfg: dict, repeats: int, threads: int, shared: bool) -> str:
     set_threads(threads)
     nt = NT(threads, timeout=1800)
+    header = stamp(threads, nt, shared)  # the state the run starts from
     torch.manual_seed(0)
     rate = matmul_rate()
     ram = available_memory()
@@ -367,7 +368,7 @@ def main(cfg: dict, repeats: int, threads: int, shared: bool) -> str:
     lines = [
         "# Empirical NTK: ntkit methods vs the torch.func tutorial recipe and neural-tangents",
         "",
-        stamp(threads, nt, shared),
+        header,
         "",
         f"MLP 784 → w → w → w → O, ReLU, NTK parameterization, float32, N × N kernel (x2=None); "
         f"for O = 10 the full N×N×O×O kernel. Matmul {rate / 1e9:.0f} GFLOP/s (f32, measured "

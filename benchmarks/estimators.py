@@ -144,6 +144,7 @@ def fmt_params(params: dict | None, info: dict | None) -> str:
 
 def main(n_train: int, n_test: int, seeds: list[int], threads: int, shared: bool) -> str:
     set_threads(threads)
+    header = stamp(threads, None, shared)  # the state the run starts from
     X, y = load_data()
     per_seed = {seed: one_split(X, y, n_train, n_test, seed) for seed in seeds}
     names = [r[0] for r in per_seed[seeds[0]]]
@@ -157,7 +158,7 @@ def main(n_train: int, n_test: int, seeds: list[int], threads: int, shared: bool
         f"# MNIST {n_train} train / {n_test} test (bundled test set), {len(seeds)} random "
         "splits: infinite networks vs tuned RBF machines",
         "",
-        stamp(threads, None, shared),
+        header,
         "",
         "float64. Total time includes kernel computation, fitting, tuning (held-out quarter "
         "of the training digits, grid extended until the optimum is interior) and prediction. "

@@ -49,6 +49,7 @@ WORKLOADS = (("t = inf: kernels + solve", "inf"),
 def main(n_train: int, n_test: int, repeats: int, threads: int, shared: bool) -> str:
     set_threads(threads)
     nt = NT(threads)
+    header = stamp(threads, nt, shared)  # the state the run starts from
     net = nk.mlp(4, 512, "relu", W_std=1.0, b_std=0.1)
     rng = np.random.default_rng(0)
     base = {"x_train": rng.random((n_train, D)), "x_test": rng.random((n_test, D)),
@@ -118,7 +119,7 @@ def main(n_train: int, n_test: int, repeats: int, threads: int, shared: bool) ->
         f"# Closed-form MSE prediction: N_train = {n_train}, N_test = {n_test}, depth-4 ReLU "
         "NTK, mean only",
         "",
-        stamp(threads, nt, shared),
+        header,
         "",
         f"Times in ms as median / best of {repeats} calls after a warm-up; neural-tangents run "
         "in this run on the same arrays, its jit compilation excluded (own column: lowering "

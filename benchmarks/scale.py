@@ -140,6 +140,7 @@ def part_dask(n: int = 20_000, chunks: int = 2500, repeats: int = 3,
               write_results: bool = True, shared: bool = False) -> str:
     from dask.distributed import Client, LocalCluster
 
+    header = stamp(1, None, shared)  # the state the run starts from
     X, _ = synthetic(n)
     v = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     v_np = v.numpy()
@@ -176,7 +177,7 @@ def part_dask(n: int = 20_000, chunks: int = 2500, repeats: int = 3,
     ref_median = float(np.median(ref_runs))
     lines = [f"# Dask: K @ v for N = {n:,}, d = {D} ({(n + chunks - 1) // chunks}² blocks of "
              f"{chunks}), NTK of a 1-hidden-layer ReLU net", "",
-             stamp(1, None, shared), "",
+             header, "",
              f"{repeats} runs each (median and range). Every Dask "
              "row computes all blocks of the same graph (`dask_kernel(...) @ v`); only the "
              "vector comes back. Dask's nanny sets OMP_NUM_THREADS=1 in the LocalCluster "

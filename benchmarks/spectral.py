@@ -20,6 +20,7 @@ from common import add_common_args, set_threads, stamp, write_table
 
 
 def main(n: int = 10_000, k: int = 3, shared: bool = False) -> str:
+    header = stamp(torch.get_num_threads(), None, shared)  # the state the run starts from
     x = torch.as_tensor(load_mnist().images[:n])
     start = time.perf_counter()
     K = nk.mlp(4, 1, "relu", W_std=1.0, b_std=0.1).kernel(x, get="ntk").ntk
@@ -36,7 +37,7 @@ def main(n: int = 10_000, k: int = 3, shared: bool = False) -> str:
     lines = [
         f"# Top-{k} eigenpairs of Π = K/N, N = {n}, float64",
         "",
-        stamp(torch.get_num_threads(), None, shared),
+        header,
         "",
         (f"K: depth-4 ReLU NTK (σ_w = 1, β = 0.1) of the first {n} bundled MNIST test digits; "
          f"computing K took {t_kernel:.1f} s. torch {torch.__version__}, "
