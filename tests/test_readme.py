@@ -23,7 +23,7 @@ def test_readme_example_runs_and_shows_a_finite_width_gap(capsys):
     # The printed number is the gap it claims to be: recomputed from an independently
     # computed empirical NTK (Jacobian contraction in blocks, not the structured per-layer
     # Grams) of the same module. 1e-10: both are float64 sums of ~1e6 terms.
-    theta = nk.empirical_ntk(namespace["model"], x, method="jacobian", batch_size=10)
+    theta = nk.empirical_ntk(namespace["model"], x, method="jacobian", batch_size=25)
     gap = float((theta - k.ntk).norm() / k.ntk.norm())
     assert abs(printed - gap) <= 1e-10 * gap, (printed, gap)
     # Its size is the width-512 fluctuation of the NTK: E gap² = ‖std Θ‖² / ‖Θ∞‖² (plus an
