@@ -86,7 +86,7 @@ def test_ensemble_matches_neural_tangents(kernel, via):
     # neural-tangents' time runs the flow exp(−η K t / (N n_out)); with n_out = 1 that is
     # JGH's K / N, so its t is our t under cost="jgh" and cost="nt" alike.
     for cost in ("jgh", "nt"):
-        p = nk.predict.ensemble(source, ref["x_train"], ref["y_train"], kernel=kernel,
+        p = nk.predict.ensemble(source, ref["x_train"], ref["y_train"], get=kernel,
                                 learning_rate=case["learning_rate"], cost=cost)
         times = [10.0, 100.0, math.inf]
         batched = p(np.array(times), ref["x_test"])
@@ -106,11 +106,11 @@ def test_ensemble_limits_and_consistency():
     k_tt = net.kernel(xt)
     # t = inf on the training points: the kernel-regression mean interpolates, variance 0.
     for kernel in ("ntk", "nngp"):
-        at_train = nk.predict.ensemble(net, X_CIRCLE, Y_CIRCLE, kernel=kernel)(math.inf)
+        at_train = nk.predict.ensemble(net, X_CIRCLE, Y_CIRCLE, get=kernel)(math.inf)
         assert rel(at_train.mean, Y_CIRCLE) < 1e-10
         assert float(at_train.covariance.abs().max()) < 1e-10 * float(k_tr.nngp.max())
     # NNGP ensemble (last layer trained) at t = inf is the exact GP posterior ...
-    p = nk.predict.ensemble(net, X_CIRCLE, Y_CIRCLE, kernel="nngp")
+    p = nk.predict.ensemble(net, X_CIRCLE, Y_CIRCLE, get="nngp")
     post = nk.predict.gp_inference(k_tr.nngp, Y_CIRCLE, k_tx.nngp, k_tt.nngp)
     out = p(math.inf, xt)
     assert rel(out.mean, post.mean) < 1e-10 and rel(out.covariance, post.covariance) < 1e-10
@@ -120,7 +120,7 @@ def test_ensemble_limits_and_consistency():
     proj = kx @ np.linalg.solve(k, np.eye(4) - scipy.linalg.expm(-2 * a * k * t))
     assert rel(p(t, xt).covariance, k_tt.nngp.numpy() - proj @ kx.T) < 1e-9
     # The NTK ensemble mean is the closed-form MSE flow from f0 = 0.
-    p = nk.predict.ensemble(net, X_CIRCLE, Y_CIRCLE, kernel="ntk")
+    p = nk.predict.ensemble(net, X_CIRCLE, Y_CIRCLE, get="ntk")
     mse = nk.predict.gradient_descent_mse(k_tr.ntk, Y_CIRCLE)(t, k_test_train=k_tx.ntk)
     assert rel(p(t, xt).mean, mse.test) < 1e-12
     # Mean only, without asking for the covariance.
@@ -515,8 +515,8 @@ def test_bad_input_raises_clear_errors():
         (lambda: nk.predict.gradient_flow("cross_entropy", k, y), "probabilities"),
         (lambda: nk.predict.gradient_flow("mse", k, y)(math.inf), "finite t"),
         (lambda: nk.predict.ensemble(object(), X_CIRCLE, Y_CIRCLE), "net_or_kernel_fn"),
-        (lambda: nk.predict.ensemble(nk.mlp(2, 8), X_CIRCLE, Y_CIRCLE, kernel="cnn"),
-         "kernel must be one of"),
+        (lambda: nk.predict.ensemble(nk.mlp(2, 8), X_CIRCLE, Y_CIRCLE, get="cnn"),
+         "get must be one of"),
         (lambda: nk.predict.ensemble(nk.mlp(2, 8), X_CIRCLE, Y_CIRCLE[:3]), "y_train"),
         (lambda: nk.predict.ensemble(nk.mlp(2, 8), X_CIRCLE, Y_CIRCLE)(1.0, np.ones((2, 3))),
          "features"),
@@ -592,3 +592,21 @@ def test_t_inf_uses_cholesky_for_a_safely_positive_definite_kernel(monkeypatch):
     assert int(torch.linalg.cholesky_ex(nearly_singular)[1]) == 0
     with pytest.raises(ValueError, match="smallest eigenvalue"):
         nk.predict.gradient_descent_mse(nearly_singular, y)(math.inf)
+
+
+def test_ensemble_kernel_keyword_is_deprecated_for_get():
+    # "Which kernel" is get= across ntkit (as in net.kernel); kernel= keeps working for one
+    # release, with a DeprecationWarning, and gives the very same predictor.
+    net = nk.mlp(3, 8, b_std=0.1)
+    new = nk.predict.ensemble(net, X_CIRCLE, Y_CIRCLE, get="nngp")
+    with pytest.warns(DeprecationWarning, match="kernel= is deprecated.*get='nngp'"):
+        old = nk.predict.ensemble(net, X_CIRCLE, Y_CIRCLE, kernel="nngp")
+    assert old.get == "nngp"
+    assert torch.equal(old(3.0).mean, new(3.0).mean)
+    with pytest.warns(DeprecationWarning, match="EnsemblePredictor.get"):
+        assert new.kernel == "nngp"
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError,
+                                                         match="kernel must be one of"):
+        nk.predict.ensemble(net, X_CIRCLE, Y_CIRCLE, kernel="cnn")
+    with pytest.raises(ValueError, match="pass get= only"):
+        nk.predict.ensemble(net, X_CIRCLE, Y_CIRCLE, get="nngp", kernel="ntk")

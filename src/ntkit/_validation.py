@@ -1,13 +1,27 @@
-"""Input checks shared by every public entry point.
+"""Input checks and conventions shared by every public entry point.
 
 Bad input must produce a clear ``ValueError`` that names the argument and, where it can,
 the offending rows; never a silent NaN or a wrong answer.
+
+A public function validates its arguments here once and passes the validated tensors to
+private code, which does not check them again. Besides the array checks this module holds
+the conventions the whole library shares, so each has one definition:
+
+* which kernel: a keyword ``get`` naming ``"nngp"`` or ``"ntk"`` (:func:`check_get`, as in
+  ``net.kernel(..., get=...)``); :func:`renamed_keyword` keeps a former name working for a
+  release, with a ``DeprecationWarning``;
+* a square train kernel: finite and symmetric to one tolerance (:func:`symmetry_tolerance`,
+  :func:`as_square_kernel`), then made exactly symmetric;
+* the ridge: ``λ = diag_reg · mean(diag K)``, or ``λ = diag_reg`` with an absolute scale
+  (:func:`resolve_ridge`, :func:`regularize`), as neural-tangents;
+* a learning rate: a finite number > 0 (:func:`check_learning_rate`).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -190,3 +204,127 @@ def check_scale(value: Any, name: str) -> float | torch.Tensor:
         check_nonnegative(float(value.detach()), name)
         return value
     return check_nonnegative(value, name)
+
+
+# ------------------------------------------------------------------------ which kernel
+KERNEL_NAMES = ("ntk", "nngp")
+
+
+def check_get(get: Any, name: str = "get") -> str:
+    """One kernel name, ``"ntk"`` or ``"nngp"``: the library's ``get`` keyword."""
+    return check_choice(get, name, KERNEL_NAMES)
+
+
+UNSET: Any = object()
+
+
+def renamed_keyword(new_value: Any, old_value: Any, *, new: str, old: str, where: str,
+                    default: Any, unset: Any = UNSET, stacklevel: int = 3) -> Any:
+    """The value of a keyword renamed from ``old`` to ``new`` (kept for one release).
+
+    ``old_value`` is ``unset`` when the caller did not pass the old keyword; otherwise a
+    ``DeprecationWarning`` is issued and its value is used, unless ``new`` was passed too
+    (``new_value`` differs from ``default``), which is ambiguous and raises.
+    """
+    if old_value is unset:
+        return new_value
+    if new_value != default and new_value != old_value:
+        raise ValueError(f"{where}: pass {new}= only ({old}= is its former name); got "
+                         f"{new}={new_value!r} and {old}={old_value!r}.")
+    warnings.warn(f"{where}: the keyword {old}= is deprecated and will be removed in the next "
+                  f"release; use {new}={old_value!r}.", DeprecationWarning,
+                  stacklevel=stacklevel)
+    return old_value
+
+
+def check_get_renamed(get: Any, old_value: Any, *, old: str, where: str,
+                      default: str = "ntk") -> str:
+    """:func:`check_get` for a public function whose kernel keyword was formerly ``old``:
+    the value of ``get=``, or of ``old=`` with a ``DeprecationWarning`` (pointing at the
+    public function's caller); an invalid value is named by the keyword that was passed."""
+    value = renamed_keyword(get, old_value, new="get", old=old, where=where, default=default,
+                            stacklevel=4)
+    return check_get(value, "get" if old_value is UNSET else old)
+
+
+# ------------------------------------------------------------------------ square kernels
+def check_finite_kernel(t: torch.Tensor, name: str) -> float:
+    """Raise if ``t`` holds NaN or inf; return ``max |t|``."""
+    scale = finite_max_abs(t)
+    if scale is not None:
+        return scale
+    bad = (~torch.isfinite(t)).sum().item()
+    raise ValueError(f"{name} has {bad} NaN or infinite entries; kernels must be finite "
+                     "(check the inputs and the kernel computation).")
+
+
+def symmetry_tolerance(scale: float, dtype: torch.dtype) -> float:
+    """Largest ``max |K − Kᵀ|`` accepted for a train kernel whose ``max |K|`` is ``scale``;
+    the one tolerance of every square-kernel check in ntkit (predict, spectral, solvers).
+
+    An accepted ``K`` is symmetrised (:func:`as_square_kernel`), so its asymmetry costs no
+    accuracy: the check exists to catch a wrong matrix (say a square test-train kernel),
+    whose asymmetry is of the order of ``max |K|``. A kernel whose entries ``(i, j)`` and
+    ``(j, i)`` were summed in different orders over ``P`` terms (features, parameters) is
+    asymmetric by about ``sqrt(P) · eps · max |K|``; ``sqrt(eps) · max |K|`` lies above that
+    for any ``P < 1 / eps`` (8e6 terms in float32, 4e15 in float64) and orders of magnitude
+    below a wrong matrix. In float64 it is 1.5e-8 relative; a fixed 1e-8 would refuse
+    float32 kernels whose only asymmetry is rounding, and a fixed 1e-10 float64 kernels
+    summed over more than ~1e12 terms.
+    """
+    return max(scale, 1e-300) * math.sqrt(torch.finfo(dtype).eps)
+
+
+def as_square_kernel(k: Tensorish, name: str, *, dtype: torch.dtype | None = None
+                     ) -> torch.Tensor:
+    """An ``(N, N)`` kernel matrix as a floating tensor (``dtype``, else its own floating
+    dtype, else float64): non-empty, finite, and symmetric to :func:`symmetry_tolerance`;
+    then made exactly symmetric, so that every use (a Cholesky factor reads one triangle,
+    an eigensolver may read either) sees the same matrix."""
+    if k is None:
+        raise ValueError(f"{name} is None; expected an (N, N) kernel matrix.")
+    t = as_tensor(k, name, dtype=dtype)
+    if t.ndim != 2 or t.shape[0] != t.shape[1]:
+        raise ValueError(f"{name} must be a square (N, N) per-output kernel; got shape "
+                         f"{tuple(t.shape)}. (For n_out outputs pass the per-output kernel K, "
+                         "not K ⊗ I.)")
+    if t.shape[0] == 0:
+        raise ValueError(f"{name} is empty; need at least one training point.")
+    if not t.is_floating_point():
+        t = t.to(torch.float64)
+    scale = check_finite_kernel(t, name)
+    asym = float((t - t.T).abs_().max())
+    if asym > symmetry_tolerance(scale, t.dtype):
+        raise ValueError(f"{name} is not symmetric (max |K − Kᵀ| = {asym:.3e}, max |K| = "
+                         f"{scale:.3e}); a train-train kernel must be symmetric.")
+    if asym > 0:
+        t = 0.5 * (t + t.T)
+    return t
+
+
+# ------------------------------------------------------------------- ridge, learning rate
+def resolve_ridge(diag_reg: float, diag: torch.Tensor | None, absolute: bool) -> float:
+    """The ridge rule (neural-tangents'): the absolute ``λ = diag_reg · mean(diag K)``, or
+    ``λ = diag_reg`` when ``absolute`` (``diag`` is then not read, and may be ``None``)."""
+    diag_reg = check_nonnegative(diag_reg, "diag_reg")
+    if absolute or diag_reg == 0:
+        return diag_reg
+    return diag_reg * float(diag.mean())
+
+
+def regularize(k: torch.Tensor, diag_reg: float, absolute: bool) -> torch.Tensor:
+    """``K + λ I`` with ``λ`` from :func:`resolve_ridge`; ``K`` itself when ``λ = 0``."""
+    ridge = resolve_ridge(diag_reg, k.diagonal(), absolute)
+    if ridge == 0:
+        return k
+    out = k.clone()  # the ridge on the diagonal only, without an (N, N) identity
+    out.diagonal().add_(ridge)
+    return out
+
+
+def check_learning_rate(learning_rate: Any) -> float:
+    """``learning_rate`` as a finite float > 0."""
+    lr = check_nonnegative(learning_rate, "learning_rate")
+    if lr == 0:
+        raise ValueError("learning_rate must be > 0.")
+    return lr

@@ -2,10 +2,10 @@
 
 The closed-form predictions (kernel gradient flow/descent, infinite ensembles, GP inference)
 live in :mod:`ntkit.predict`; their names are re-exported here for compatibility, and
-``ntkit.dynamics.predict`` is a deprecated alias of ``ntkit.predict``.
+``ntkit.dynamics.predict`` is the package :mod:`ntkit.predict` itself.
 """
 
-from . import predict  # deprecated alias of ntkit.predict
+from .. import predict
 from ..predict import (EnsemblePrediction, EnsemblePredictor, FlowCoefficients, FlowPredictor,
                        GPPosterior, MSEPredictor, Prediction, ensemble, gp_inference,
                        gradient_descent_mse, gradient_flow, max_learning_rate)

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._validation import (Tensorish, as_tensor, check_choice, check_nonnegative,
-                           check_positive_int)
+from .._validation import (Tensorish, as_tensor, check_choice, check_finite,
+                           check_learning_rate, check_positive_int)
 from ..predict import COSTS
 
 __all__ = ["TrainHistory", "train"]
@@ -120,9 +120,7 @@ def train(model: nn.Module, x: Tensorish, y: Tensorish, *, steps: int, learning_
         raise ValueError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
     check_choice(cost, "cost", COSTS)
     steps = check_positive_int(steps, "steps", minimum=0)
-    lr = check_nonnegative(learning_rate, "learning_rate")
-    if lr == 0:
-        raise ValueError("learning_rate must be > 0.")
+    lr = check_learning_rate(learning_rate)
     every = max(1, steps // 20) if track_every is None else check_positive_int(
         track_every, "track_every")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -132,8 +130,7 @@ def train(model: nn.Module, x: Tensorish, y: Tensorish, *, steps: int, learning_
     xt = as_tensor(x, "x", dtype=dtype, device=device)
     if xt.ndim < 2 or xt.shape[0] == 0:
         raise ValueError(f"x must have shape (N, *in) with N >= 1; got {tuple(xt.shape)}.")
-    if not bool(torch.isfinite(xt).all()):
-        raise ValueError("x contains NaN or infinite values.")
+    check_finite(xt, "x")
     n = xt.shape[0]
     with torch.no_grad():
         out0 = _flat(model(xt))
@@ -144,8 +141,7 @@ def train(model: nn.Module, x: Tensorish, y: Tensorish, *, steps: int, learning_
     if tuple(yt.shape) != (n, n_out):
         raise ValueError(f"y must have shape ({n}, {n_out}) to match the model's outputs on x "
                          f"(or ({n},) for one output); got {tuple(yt.shape)}.")
-    if not bool(torch.isfinite(yt).all()):
-        raise ValueError("y contains NaN or infinite values.")
+    check_finite(yt, "y")
     pt = None
     if probe is not None:
         pt = as_tensor(probe, "probe", dtype=dtype, device=device)

@@ -1,8 +1,10 @@
 """Input checks and the shared set-up of every predictor in :mod:`ntkit.predict`.
 
 Each public entry point validates its arguments here once; the predictors then work on the
-validated tensors. The set-up every trained flow shares (the learning-rate check, the ridge
-rule and the cost normalisation) is :func:`check_training` plus :func:`prepare_training`.
+validated tensors. The checks every part of ntkit shares (the square train kernel and its
+symmetry tolerance, the ridge rule, the learning rate) live in :mod:`ntkit._validation`;
+this module adds what only the predictors need (targets, times, test blocks) and the set-up
+every trained flow shares: :func:`check_training` plus :func:`prepare_training`.
 """
 
 from __future__ import annotations
@@ -12,63 +14,13 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from .._validation import (Tensorish, as_tensor, check_choice, check_nonnegative,
-                           finite_max_abs)
+from .._validation import (Tensorish, as_tensor, check_choice, check_finite_kernel,
+                           check_learning_rate, check_nonnegative, regularize)
 
 COSTS = ("jgh", "nt")
 
 
 # ------------------------------------------------------------------------------ kernels
-def check_finite_kernel(t: torch.Tensor, name: str) -> float:
-    """Raise if ``t`` holds NaN or inf; return ``max |t|``."""
-    scale = finite_max_abs(t)
-    if scale is not None:
-        return scale
-    bad = (~torch.isfinite(t)).sum().item()
-    raise ValueError(f"{name} has {bad} NaN or infinite entries; kernels must be finite "
-                     "(check the inputs and the kernel computation).")
-
-
-def symmetry_tolerance(scale: float, dtype: torch.dtype) -> float:
-    """Largest ``max |K − Kᵀ|`` accepted for a train kernel whose ``max |K|`` is ``scale``.
-
-    An accepted ``K`` is symmetrised (:func:`as_square_kernel`), so its asymmetry costs no
-    accuracy: the check exists to catch a wrong matrix (say a square test-train kernel),
-    whose asymmetry is of the order of ``max |K|``. A kernel whose entries ``(i, j)`` and
-    ``(j, i)`` were summed in different orders over ``P`` terms (features, parameters) is
-    asymmetric by about ``sqrt(P) · eps · max |K|``; ``sqrt(eps) · max |K|`` lies above that
-    for any ``P < 1 / eps`` (8e6 terms in float32, 4e15 in float64) and orders of magnitude
-    below a wrong matrix. In float64 it is 1.5e-8, the tolerance used before; in float32 it
-    no longer refuses kernels whose only asymmetry is rounding (1e-8 is below float32's eps).
-    """
-    return max(scale, 1e-300) * float(np.sqrt(torch.finfo(dtype).eps))
-
-
-def as_square_kernel(k: Tensorish, name: str) -> torch.Tensor:
-    """The ``(N, N)`` per-output train kernel as a floating tensor: finite, and symmetric to
-    :func:`symmetry_tolerance` (then made exactly symmetric)."""
-    if k is None:
-        raise ValueError(f"{name} is None; expected an (N, N) kernel matrix.")
-    t = as_tensor(k, name)
-    if t.ndim != 2 or t.shape[0] != t.shape[1]:
-        raise ValueError(f"{name} must be a square (N, N) per-output kernel; got shape "
-                         f"{tuple(t.shape)}. (For n_out outputs pass the per-output kernel K, "
-                         "not K ⊗ I.)")
-    if t.shape[0] == 0:
-        raise ValueError(f"{name} is empty; need at least one training point.")
-    if not t.is_floating_point():
-        t = t.to(torch.float64)
-    scale = check_finite_kernel(t, name)
-    asym = float((t - t.T).abs_().max())
-    if asym > symmetry_tolerance(scale, t.dtype):
-        raise ValueError(f"{name} is not symmetric (max |K − Kᵀ| = {asym:.3e}, max |K| = "
-                         f"{scale:.3e}); a train-train kernel must be symmetric.")
-    if asym > 0:
-        # One symmetric K for every use: a Cholesky factor reads one triangle only.
-        t = 0.5 * (t + t.T)
-    return t
-
-
 def as_cross_kernel(k: Tensorish, name: str, n_train: int, like: torch.Tensor) -> torch.Tensor:
     """An ``(M, n_train)`` kernel between test rows and training columns, finite."""
     t = as_tensor(k, name, dtype=like.dtype, device=like.device)
@@ -186,29 +138,10 @@ def check_result(out: torch.Tensor, owner: Any, what: str) -> None:
 
 
 # ---------------------------------------------------------------- the shared training set-up
-def check_learning_rate(learning_rate: float) -> float:
-    """``learning_rate`` as a float > 0."""
-    lr = check_nonnegative(learning_rate, "learning_rate")
-    if lr == 0:
-        raise ValueError("learning_rate must be > 0.")
-    return lr
-
-
 def check_training(cost: str, learning_rate: float, diag_reg: float) -> tuple[float, float]:
     """The scalar arguments every trained flow takes: ``(learning_rate, diag_reg)``."""
     check_choice(cost, "cost", COSTS)
     return check_learning_rate(learning_rate), check_nonnegative(diag_reg, "diag_reg")
-
-
-def regularize(k: torch.Tensor, diag_reg: float, absolute: bool) -> torch.Tensor:
-    """The ridge rule (as neural-tangents): ``K + diag_reg · s · I`` with ``s = mean(diag K)``,
-    or ``s = 1`` when ``absolute``. ``K`` itself is returned when ``diag_reg = 0``."""
-    if diag_reg == 0:
-        return k
-    scale = 1.0 if absolute else float(torch.diagonal(k).mean())
-    out = k.clone()  # the ridge on the diagonal only, without an (N, N) identity
-    out.diagonal().add_(diag_reg * scale)
-    return out
 
 
 def normalization(cost: str, n: int, n_out: int) -> int:
@@ -232,5 +165,13 @@ def prepare_training(k: torch.Tensor, y_train: Tensorish, *, learning_rate: floa
                      diag_reg: float, absolute: bool) -> Training:
     """Validate the targets against a validated kernel ``k``, add the ridge and normalise."""
     y, squeeze = as_targets(y_train, "y_train", k.shape[0], k)
+    return training(k, y, squeeze, learning_rate=learning_rate, cost=cost, diag_reg=diag_reg,
+                    absolute=absolute)
+
+
+def training(k: torch.Tensor, y: torch.Tensor, squeeze: bool, *, learning_rate: float,
+             cost: str, diag_reg: float, absolute: bool) -> Training:
+    """:class:`Training` from validated arguments (``k`` from ``as_square_kernel``, ``y``
+    ``(N, O)`` finite in ``k``'s dtype, the scalars from :func:`check_training`)."""
     norm = normalization(cost, *y.shape)
     return Training(regularize(k, diag_reg, absolute), y, squeeze, norm, learning_rate / norm)

@@ -3,15 +3,16 @@ networks trained on the MSE (``ensemble``, ``EnsemblePredictor``)."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 
-from .._validation import Tensorish, as_inputs, as_tensor, check_choice
-from ._checks import (as_times, check_finite_kernel, check_result, check_training, finish,
-                      prepare_training)
+from .._validation import (UNSET, Tensorish, as_inputs, as_tensor, check_finite_kernel,
+                           check_get_renamed)
+from ._checks import as_times, check_result, check_training, finish, prepare_training
 from ._mse import MSEPredictor
 
 
@@ -40,18 +41,18 @@ def _kernel_source(net_or_kernel_fn: Any) -> KernelFn:
                      f"{type(net_or_kernel_fn).__name__}.")
 
 
-def _get_kernel(kernels: Any, which: str, shape: tuple[int, int], what: str) -> torch.Tensor:
-    k = getattr(kernels, which, None)
+def _get_kernel(kernels: Any, get: str, shape: tuple[int, int], what: str) -> torch.Tensor:
+    k = getattr(kernels, get, None)
     if k is None:
-        raise ValueError(f"the kernel function returned no .{which} for {what}; it must return an "
-                         f"object with .{which} when asked for get={which!r}.")
-    k = as_tensor(k, f"{what} ({which})")
+        raise ValueError(f"the kernel function returned no .{get} for {what}; it must return an "
+                         f"object with .{get} when asked for get={get!r}.")
+    k = as_tensor(k, f"{what} ({get})")
     if not k.is_floating_point():
         k = k.to(torch.float64)
     if tuple(k.shape) != shape:
-        raise ValueError(f"the kernel function returned .{which} of shape {tuple(k.shape)} for "
+        raise ValueError(f"the kernel function returned .{get} of shape {tuple(k.shape)} for "
                          f"{what}; expected {shape} (the per-output kernel).")
-    check_finite_kernel(k, f"{what} ({which})")
+    check_finite_kernel(k, f"{what} ({get})")
     return k
 
 
@@ -63,10 +64,17 @@ class EnsemblePredictor:
 
     kernel_fn: KernelFn
     x_train: torch.Tensor
-    kernel: str
+    get: str                   # the trained kernel, "ntk" or "nngp"
     flow: MSEPredictor         # the flow under Θ (or K for "nngp"), regularised
     nngp_train: torch.Tensor   # K on the training inputs
     flow_diagonal: torch.Tensor  # diagonal of the flow's kernel before the ridge, (N,)
+
+    @property
+    def kernel(self) -> str:
+        """Deprecated name of :attr:`get`."""
+        warnings.warn("EnsemblePredictor.kernel is deprecated and will be removed in the next "
+                      "release; use EnsemblePredictor.get.", DeprecationWarning, stacklevel=2)
+        return self.get
 
     def __call__(self, t: Any, x_test: Tensorish | None = None, *,
                  compute_cov: bool = True) -> EnsemblePrediction:
@@ -92,7 +100,7 @@ class EnsemblePredictor:
                 raise ValueError(f"x_test has {xt.shape[1]} features but x_train has "
                                  f"{xtr.shape[1]}.")
             m = xt.shape[0]
-        get = ("nngp", "ntk") if (compute_cov and self.kernel == "ntk") else (self.kernel,)
+        get = ("nngp", "ntk") if (compute_cov and self.get == "ntk") else (self.get,)
         if xt is None:
             # The test-train kernel on the training inputs is the kernel without the ridge,
             # which sits on the diagonal only.
@@ -103,7 +111,7 @@ class EnsemblePredictor:
             k_nngp_tx = self.nngp_train
         else:
             ks = self.kernel_fn(xt, xtr, get)
-            k_flow_tx = _get_kernel(ks, self.kernel, (m, n), "k(x_test, x_train)")
+            k_flow_tx = _get_kernel(ks, self.get, (m, n), "k(x_test, x_train)")
             k_nngp_tx = (_get_kernel(ks, "nngp", (m, n), "k(x_test, x_train)")
                          if "nngp" in get else None)
         like = self.flow.y_train
@@ -125,9 +133,9 @@ class EnsemblePredictor:
 
 
 def ensemble(net_or_kernel_fn: Any, x_train: Tensorish, y_train: Tensorish, *,
-             kernel: str = "ntk", learning_rate: float = 1.0, cost: str = "jgh",
-             diag_reg: float = 0.0, diag_reg_absolute_scale: bool = False
-             ) -> EnsemblePredictor:
+             get: str = "ntk", learning_rate: float = 1.0, cost: str = "jgh",
+             diag_reg: float = 0.0, diag_reg_absolute_scale: bool = False,
+             kernel: str = UNSET) -> EnsemblePredictor:
     """Infinite ensemble of infinitely wide networks trained on the MSE (Lee et al. 2019).
 
     Over random initialisations, the outputs at time t are Gaussian (per output, i.i.d.
@@ -136,12 +144,12 @@ def ensemble(net_or_kernel_fn: Any, x_train: Tensorish, y_train: Tensorish, *,
     * mean ``μ(t) = Δ(t) y`` where ``Δ(t) = Θ_*x Θ⁻¹ (I − exp(−a Θ t))``;
     * covariance ``Σ(t) = K_** − Δ K_x* − K_*x Δᵀ + Δ K_xx Δᵀ``;
 
-    with ``Θ`` the NTK (``kernel="ntk"``: all layers trained) or ``Θ = K`` the NNGP
-    (``kernel="nngp"``: only the last layer trained; then ``Σ = K_** − K_*x K⁻¹ (I −
+    with ``Θ`` the NTK (``get="ntk"``: all layers trained) or ``Θ = K`` the NNGP
+    (``get="nngp"``: only the last layer trained; then ``Σ = K_** − K_*x K⁻¹ (I −
     e^{−2aKt}) K_x*``), ``K`` the NNGP, and ``a = η / N`` (``cost="jgh"``) or
     ``η / (N n_out)`` (``cost="nt"``). At ``t = inf`` the mean is kernel regression
     ``Θ_*x Θ⁻¹ y`` and the variance vanishes on the training points (JGH §IV.3); with
-    ``kernel="nngp"`` and ``diag_reg = 0`` it is the GP posterior (:func:`gp_inference`).
+    ``get="nngp"`` and ``diag_reg = 0`` it is the GP posterior (:func:`gp_inference`).
     (``diag_reg`` regularises ``Θ`` only; ``K_xx`` above stays the NNGP. For the ridge as
     observation noise in ``K_xx`` too, use :meth:`MSEPredictor.covariance` directly.)
 
@@ -150,23 +158,24 @@ def ensemble(net_or_kernel_fn: Any, x_train: Tensorish, y_train: Tensorish, *,
             ``kernel_fn(x1, x2, get) -> obj`` with ``obj.nngp``/``obj.ntk`` ``(N1, N2)``
             per-output kernels (``get`` is a tuple of names).
         x_train: ``(N, d)``; y_train: ``(N, O)`` or ``(N,)``.
-        kernel: ``"ntk"`` or ``"nngp"``.
+        get: the trained kernel, ``"ntk"`` or ``"nngp"`` (as in ``net.kernel(..., get=)``).
         diag_reg: ridge added to the train-train kernel that drives the flow.
+        kernel: deprecated former name of ``get`` (a ``DeprecationWarning``).
     Returns:
         :class:`EnsemblePredictor` ``p(t, x_test=None, compute_cov=True)``.
     """
-    check_choice(kernel, "kernel", ("ntk", "nngp"))
+    get = check_get_renamed(get, kernel, old="kernel", where="ntkit.predict.ensemble")
     lr, reg = check_training(cost, learning_rate, diag_reg)
     source = _kernel_source(net_or_kernel_fn)
     xtr = as_inputs(x_train, "x_train")
     if not xtr.is_floating_point() or xtr.dtype != torch.float64:
         xtr = xtr.to(torch.float64)
     n = xtr.shape[0]
-    ks = source(xtr, None, ("nngp", "ntk") if kernel == "ntk" else ("nngp",))
+    ks = source(xtr, None, ("nngp", "ntk") if get == "ntk" else ("nngp",))
     nngp = _get_kernel(ks, "nngp", (n, n), "k(x_train, x_train)")
-    flow = _get_kernel(ks, "ntk", (n, n), "k(x_train, x_train)") if kernel == "ntk" else nngp
+    flow = _get_kernel(ks, "ntk", (n, n), "k(x_train, x_train)") if get == "ntk" else nngp
     setup = prepare_training(flow, y_train, learning_rate=lr, cost=cost, diag_reg=reg,
                              absolute=diag_reg_absolute_scale)
     mse = MSEPredictor(setup.k, setup.y, lr, cost, False, reg, setup.rate, setup.squeeze,
-                       name=f"the train-train {kernel.upper()}")
-    return EnsemblePredictor(source, xtr, kernel, mse, nngp, flow.diagonal().clone())
+                       name=f"the train-train {get.upper()}")
+    return EnsemblePredictor(source, xtr, get, mse, nngp, flow.diagonal().clone())

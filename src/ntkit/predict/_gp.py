@@ -7,9 +7,8 @@ from typing import NamedTuple
 
 import torch
 
-from .._validation import Tensorish, check_nonnegative
-from ._checks import (as_cross_kernel, as_kernel_block, as_square_kernel, as_targets,
-                      regularize)
+from .._validation import Tensorish, as_square_kernel, check_nonnegative, regularize
+from ._checks import as_cross_kernel, as_kernel_block, as_targets
 from ._spectral import eigh, require_invertible
 
 

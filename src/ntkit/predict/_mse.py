@@ -9,10 +9,11 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from .._validation import Tensorish, check_choice, check_nonnegative
-from ._checks import (COSTS, as_cross_kernel, as_initial, as_kernel_block, as_square_kernel,
+from .._validation import (Tensorish, as_square_kernel, check_choice, check_nonnegative,
+                           regularize)
+from ._checks import (COSTS, Training, as_cross_kernel, as_initial, as_kernel_block,
                       as_test_problem, as_times, check_result, check_training, finish,
-                      normalization, prepare_training, regularize)
+                      normalization, prepare_training, training)
 from ._spectral import SpectralFlow, step_limit
 
 
@@ -203,8 +204,28 @@ def gradient_descent_mse(k_train_train: Tensorish, y_train: Tensorish, *,
     k = as_square_kernel(k_train_train, "k_train_train")
     setup = prepare_training(k, y_train, learning_rate=lr, cost=cost, diag_reg=reg,
                              absolute=diag_reg_absolute_scale)
-    return MSEPredictor(setup.k, setup.y, lr, cost, bool(discrete), reg, setup.rate,
-                        setup.squeeze, pseudo_inverse=bool(pseudo_inverse))
+    return _predictor(setup, lr, cost, reg, discrete, pseudo_inverse)
+
+
+def _predictor(setup: Training, learning_rate: float, cost: str, diag_reg: float,
+               discrete: bool, pseudo_inverse: bool) -> MSEPredictor:
+    return MSEPredictor(setup.k, setup.y, learning_rate, cost, bool(discrete), diag_reg,
+                        setup.rate, setup.squeeze, pseudo_inverse=bool(pseudo_inverse))
+
+
+def mse_predictor(k: torch.Tensor, y: torch.Tensor, *, learning_rate: float, cost: str,
+                  diag_reg: float, absolute: bool, pseudo_inverse: bool = False
+                  ) -> MSEPredictor:
+    """:func:`gradient_descent_mse` (continuous flow) for callers that validated already.
+
+    The internal entry point of the estimators: ``k`` is a finite, exactly symmetric ``(N,
+    N)`` train kernel (as :func:`ntkit._validation.as_square_kernel` returns, or the
+    analytic ``net.kernel(x)``, mirrored by construction), ``y`` finite ``(N, O)`` targets
+    in ``k``'s dtype and device, and the scalars are checked; nothing is checked again.
+    """
+    setup = training(k, y, False, learning_rate=learning_rate, cost=cost, diag_reg=diag_reg,
+                     absolute=absolute)
+    return _predictor(setup, learning_rate, cost, diag_reg, False, pseudo_inverse)
 
 
 def max_learning_rate(k_train_train: Tensorish, *, cost: str = "jgh", output_dim: int = 1,

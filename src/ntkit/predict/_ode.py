@@ -10,9 +10,9 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from .._validation import Tensorish, check_choice, check_nonnegative
-from ._checks import (as_initial, as_square_kernel, as_test_problem, as_times, check_training,
-                      finish, prepare_training)
+from .._validation import Tensorish, as_square_kernel, check_choice, check_nonnegative
+from ._checks import (Training, as_initial, as_test_problem, as_times, check_training, finish,
+                      prepare_training, training)
 from ._mse import Prediction
 
 
@@ -195,6 +195,22 @@ def gradient_flow(loss: str | Callable[[torch.Tensor, torch.Tensor], torch.Tenso
     k = as_square_kernel(k_train_train, "k_train_train")
     setup = prepare_training(k, y_train, learning_rate=lr, cost=cost, diag_reg=reg,
                              absolute=diag_reg_absolute_scale)
+    return _predictor(loss, setup, lr, method, rtol, atol)
+
+
+def flow_predictor(loss: str, k: torch.Tensor, y: torch.Tensor, *, learning_rate: float,
+                   cost: str, method: str, rtol: float, atol: float, diag_reg: float,
+                   absolute: bool) -> FlowPredictor:
+    """:func:`gradient_flow` for callers that validated already (the estimators): ``k`` a
+    finite, exactly symmetric ``(N, N)`` kernel, ``y`` finite ``(N, O)`` targets in its
+    dtype and device, the scalars checked; nothing is checked again."""
+    setup = training(k, y, False, learning_rate=learning_rate, cost=cost, diag_reg=diag_reg,
+                     absolute=absolute)
+    return _predictor(loss, setup, learning_rate, method, rtol, atol)
+
+
+def _predictor(loss: Any, setup: Training, learning_rate: float, method: str, rtol: float,
+               atol: float) -> FlowPredictor:
     k, y, squeeze, norm = setup.k, setup.y, setup.squeeze, setup.norm
     hessian_fn = None
     if isinstance(loss, str):
@@ -212,4 +228,4 @@ def gradient_flow(loss: str | Callable[[torch.Tensor, torch.Tensor], torch.Tenso
         cost_fn = loss
     else:
         raise ValueError(f"loss must be 'mse', 'cross_entropy' or a callable; got {loss!r}.")
-    return FlowPredictor(k, y, cost_fn, lr, method, rtol, atol, squeeze, hessian_fn)
+    return FlowPredictor(k, y, cost_fn, learning_rate, method, rtol, atol, squeeze, hessian_fn)
