@@ -259,7 +259,7 @@ def test_branch_mismatch_errors():
 
 def test_refuses_kernel_larger_than_memory(monkeypatch):
     # A fixed amount of free memory, so that the refusal does not depend on the host.
-    monkeypatch.setattr("ntkit.kernels.analytic.available_memory", lambda device: 16 * 2**30)
+    monkeypatch.setattr("ntkit.layers.evaluate.available_memory", lambda device: 16 * 2**30)
     x = torch.zeros(1, 3)
     big = x.expand(3_000_000, 3)  # a 3M x 3M kernel would need 72 TB
     with pytest.raises(MemoryError, match="out=PATH"):
@@ -321,7 +321,7 @@ def test_duplicate_rows_get_exact_self_kernel_everywhere(W_std, b_std):
 def test_shared_row_ids_match_exact_row_equality(dtype):
     """Duplicate detection (which makes rho exactly 1 for x = x') agrees with brute force,
     including fingerprint collisions (permuted rows), signed zeros and x1/x2 sharing."""
-    from ntkit.kernels.analytic import _shared_row_ids
+    from ntkit.layers.evaluate import _shared_row_ids
 
     g = torch.Generator().manual_seed(3)
     base = torch.randn(6, 5, generator=g, dtype=dtype)
@@ -528,7 +528,7 @@ class _Block(nk.Layer):
 
 
 def test_user_composite_layers_are_tiled_like_builtins(monkeypatch):
-    import ntkit.kernels.analytic as analytic
+    import ntkit.layers.evaluate as analytic
 
     custom = nk.serial(_Block(8), nk.Dense(1))
     builtin = nk.serial(nk.Dense(8, 1.3, 0.2), nk.Tanh(degree=8), nk.Dense(1))

@@ -1,52 +1,30 @@
 """The layer protocol: one declaration, a forward map (``build``) and a kernel map.
 
-Every layer is an immutable value. It knows
+Every built-in layer is a frozen dataclass: an immutable value whose fields are its
+parameters, with equality, hashing and ``repr`` over them. A layer knows
 
-* how to build its finite-width ``torch.nn.Module`` (``build``), and
-* how the infinite-width kernels of a batch of input pairs change when the layer is
-  applied (``kernel_map``).
+* how to build its finite-width ``torch.nn.Module`` (``build``, ``out_dim``);
+* how the infinite-width kernels of a batch of input pairs change when it is applied
+  (``kernel_map``, on the :class:`~ntkit.layers.state.PairKernel` state);
+* what the evaluator needs to know about it, so that the evaluator never inspects types:
+  ``uses_quadrature`` (pick a smaller tile) and ``kernel_layout`` (which kernel-state
+  layout it consumes and produces; Dense refuses per-pixel covariances).
 
-The kernel state flowing between layers is a :class:`PairKernel`. In the usual "full"
-mode ``cov`` and ``ntk`` hold one tile of the ``N1 x N2`` kernels and ``var1``/``var2``
-the matching self-covariances as a column/row so that everything broadcasts. In
-"diagonal" mode all four hold the ``N`` values ``k(x, x)`` and ``var1``/``var2`` are the
-same tensor as ``cov``.
-
-Conventions (see DESIGN.md):
-* ``cov`` is the NNGP covariance of the current representation. Before the first Dense
-  layer it is the input Gram ``x . x' / n0``.
-* ``ntk`` is the per-output NTK accumulated so far (``None`` when the NTK is not asked).
-* ``width`` is the declared feature count of the current representation; the standard
-  parameterization's NTK needs it.
+A user-defined layer subclasses :class:`Layer` and implements ``kernel_map`` (and ``build``
+and ``out_dim`` for the finite network); a composite that holds its sublayers as attributes
+answers ``uses_quadrature`` from them without further code.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import torch
 
-if TYPE_CHECKING:
-    from ..kernels.analytic import Kernels
+from .evaluate import Kernels, analytic_kernel
+from .state import KernelState, PairKernel
 
-
-@dataclass(frozen=True)
-class PairKernel:
-    """Infinite-width kernels of a tile of input pairs at one point of the network."""
-
-    cov: torch.Tensor
-    var1: torch.Tensor
-    var2: torch.Tensor
-    ntk: torch.Tensor | None
-    width: int
-    diagonal: bool = False
-
-    def replace(self, **changes: Any) -> "PairKernel":
-        return replace(self, **changes)
-
-
-KernelState = Any  # PairKernel, or a tuple of states after FanOut
+__all__ = ["KernelState", "Layer", "PairKernel"]
 
 
 class Layer:
@@ -70,11 +48,18 @@ class Layer:
         ``nk.Tanh()`` is tiled like the built-in combinators. Leaf layers that integrate
         numerically override it to return True.
         """
-        # Transitional: until ``Elementwise`` answers for itself, recognise it by class
-        # name (importing activations here would be circular).
-        if any(cls.__name__ == "Elementwise" for cls in type(self).__mro__):
-            return True
         return any(child.uses_quadrature for child in _child_layers(self))
+
+    def kernel_layout(self, layout: Any) -> Any:
+        """The layout of the kernel state this layer produces from one in ``layout``.
+
+        ``layout`` is one of :data:`~ntkit.layers.state.LAYOUTS` (``"dense"``, ``"pixels"``,
+        ``"pixel_pairs"``) or, after ``FanOut``, a tuple of them. Raises ValueError for a
+        layout the kernel map cannot consume. The default keeps the layout, as every map
+        that is elementwise in the kernel entries does; the evaluator asks it once before
+        computing any tile.
+        """
+        return layout
 
     def build(self, in_dim: Any, generator: torch.Generator | None, dtype: torch.dtype,
               device: torch.device | None) -> torch.nn.Module:  # pragma: no cover - abstract
@@ -119,12 +104,10 @@ class Layer:
             dtype: ``torch.float64`` (default) or ``torch.float32`` (opt-in, for speed).
             memory_budget: bytes of workspace for the tiles (default: a cache-sized tile).
         Returns:
-            :class:`~ntkit.kernels.analytic.Kernels` with ``.nngp`` and ``.ntk``, each
+            :class:`~ntkit.kernels.Kernels` with ``.nngp`` and ``.ntk``, each
             ``(N1, N2)`` (or ``(N1,)``): the per-output kernel; the full kernel over
             ``n_out`` outputs is ``k ⊗ I``.
         """
-        from ..kernels.analytic import analytic_kernel
-
         return analytic_kernel(self, x1, x2, get=get, diagonal=diagonal, dtype=dtype,
                                memory_budget=memory_budget)
 

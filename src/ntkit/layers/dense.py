@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .._validation import check_choice, check_positive_int, check_scale
-from .base import Layer, PairKernel
+from .base import Layer
+from .state import PairKernel, require_dense
 
 PARAMETERIZATIONS = ("ntk", "standard")
 
 
+@dataclass(frozen=True, init=False, repr=False, eq=False)
 class Dense(Layer):
     """A fully connected layer ``R^{n} -> R^{out_dim}``.
 
@@ -29,32 +32,58 @@ class Dense(Layer):
     ``W_std`` and ``b_std`` may be 0-d floating tensors with ``requires_grad=True``: the
     analytic kernels are then differentiable in them (kernel learning). ``build`` uses
     their current values.
+
+    A frozen value with fields ``features`` (the constructor's ``out_dim``; the name
+    ``out_dim`` is the layer protocol's method), ``W_std``, ``b_std`` and
+    ``parameterization``. Its kernel map needs the ``"dense"`` kernel layout. A tensor
+    scale is a trainable parameter whose value changes, so it counts by identity in ``==``
+    and ``hash`` (numbers by value).
     """
+
+    features: int
+    W_std: float | torch.Tensor
+    b_std: float | torch.Tensor
+    parameterization: str
 
     def __init__(self, out_dim: int, W_std: float = 1.0, b_std: float = 0.0,
                  parameterization: str = "ntk"):
-        self.out_dim_ = check_positive_int(out_dim, "out_dim")
-        self.W_std = check_scale(W_std, "W_std")
-        self.b_std = check_scale(b_std, "b_std")
-        self.parameterization = check_choice(parameterization, "parameterization",
-                                             PARAMETERIZATIONS)
+        object.__setattr__(self, "features", check_positive_int(out_dim, "out_dim"))
+        object.__setattr__(self, "W_std", check_scale(W_std, "W_std"))
+        object.__setattr__(self, "b_std", check_scale(b_std, "b_std"))
+        object.__setattr__(self, "parameterization", check_choice(
+            parameterization, "parameterization", PARAMETERIZATIONS))
+
+    def _key(self) -> tuple:
+        scales = tuple(("tensor", id(v)) if isinstance(v, torch.Tensor) else v
+                       for v in (self.W_std, self.b_std))
+        return (self.features, *scales, self.parameterization)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
 
     def out_dim(self, in_dim):
-        if isinstance(in_dim, tuple):
-            raise ValueError("Dense received several branches; combine them with FanInSum() "
-                             "first.")
-        return self.out_dim_
+        _single_branch(in_dim)
+        return self.features
+
+    def kernel_layout(self, layout):
+        _single_branch(layout)
+        require_dense(layout, self)
+        return layout
 
     def kernel_map(self, k: PairKernel) -> PairKernel:
-        if not isinstance(k, PairKernel):
-            raise ValueError("Dense received several branches; combine them with FanInSum() "
-                             "first.")
+        _single_branch(k)
+        require_dense(k.layout, self)
         w2, b2 = self.W_std ** 2, self.b_std ** 2
         # Every operation makes a new tensor or updates one that no backward formula saved
         # (the product's own output), so gradients flow to the inputs and to tensor scales.
         cov = (k.cov * w2).add_(b2)
-        var1 = cov if k.diagonal else w2 * k.var1 + b2
-        var2 = cov if k.diagonal else w2 * k.var2 + b2
+        var1 = cov if k.variances_are_cov else w2 * k.var1 + b2
+        var2 = cov if k.variances_are_cov else w2 * k.var2 + b2
         ntk = k.ntk
         if ntk is not None:
             if self.parameterization == "ntk":
@@ -63,18 +92,25 @@ class Dense(Layer):
                        else cov + ntk * w2)
             else:
                 ntk = torch.add(ntk * w2, k.cov, alpha=k.width).add_(1.0)
-        return k.replace(cov=cov, var1=var1, var2=var2, ntk=ntk, width=self.out_dim_)
+        return k.replace(cov=cov, var1=var1, var2=var2, ntk=ntk, width=self.features)
 
     def build(self, in_dim, generator, dtype, device):
         self.out_dim(in_dim)  # rejects several branches
-        return DenseModule(in_dim, self.out_dim_, _value(self.W_std), _value(self.b_std),
+        return DenseModule(in_dim, self.features, _value(self.W_std), _value(self.b_std),
                            self.parameterization, generator=generator, dtype=dtype,
                            device=device)
 
     def __repr__(self):
-        return (f"Dense({self.out_dim_}, W_std={_value(self.W_std)!r}, "
+        return (f"Dense({self.features}, W_std={_value(self.W_std)!r}, "
                 f"b_std={_value(self.b_std)!r}, "
                 f"parameterization={self.parameterization!r})")
+
+
+def _single_branch(state) -> None:
+    """Refuse a tuple of branch dims, layouts or states (after FanOut, before FanInSum)."""
+    if isinstance(state, tuple):
+        raise ValueError("Dense received several branches; combine them with FanInSum() "
+                         "first.")
 
 
 def _value(scale: float | torch.Tensor) -> float:

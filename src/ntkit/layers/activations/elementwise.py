@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from ..._validation import check_positive_int
-from ..base import PairKernel
 from .protocol import Activation
 from .quadrature import estimate_error, hermite_dual, quadrature_dual
 
@@ -132,20 +131,6 @@ class Elementwise(Activation):
                 "nk.Abs(), nk.Erf(), nk.GELU(), nk.Sin(...)), pass smoothness= smaller than "
                 "the width of its transition, or rescale the inputs.",
                 RuntimeWarning, stacklevel=4)
-
-    def kernel_map(self, k: PairKernel) -> PairKernel:
-        out = super().kernel_map(k)
-        if k.diagonal:
-            return out
-        # Entries with x = x' (cov = var1 = var2 exactly) must carry exactly the row variance
-        # into the next layer (its correlation must be exactly 1 there). The tile and the
-        # variance vector are evaluated with different vector widths, which may differ in
-        # the last bit, so copy the variance rather than rely on it.
-        same = (k.cov == k.var1) & (k.var1 == k.var2)
-        if bool(same.any()):
-            row = out.var1.expand_as(out.cov)
-            return out.replace(cov=torch.where(same, row, out.cov))
-        return out
 
     def __repr__(self):
         extra = "" if self.degree is None else f", degree={self.degree}"

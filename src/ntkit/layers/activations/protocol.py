@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..base import Layer, PairKernel
+from ..base import Layer
+from ..state import PairKernel
 
 
 def tracking(*tensors: torch.Tensor) -> bool:
@@ -90,10 +91,28 @@ class Activation(Layer):
                              "FanInSum() before an activation.")
         nngp, dot = self.dual(k.cov, k.var1, k.var2, need_dot=k.ntk is not None)
         ntk = None if k.ntk is None else k.ntk * dot
-        if k.diagonal:
+        if k.variances_are_cov:
             return k.replace(cov=nngp, var1=nngp, var2=nngp, ntk=ntk)
-        return k.replace(cov=nngp, var1=self.variance(k.var1), var2=self.variance(k.var2),
-                         ntk=ntk)
+        var1 = self.variance(k.var1)
+        var2 = self.variance(k.var2)
+        if self.uses_quadrature:
+            # Entries with x = x' (cov = var1 = var2 exactly) must carry exactly the row
+            # variance into the next layer (its correlation must be exactly 1 there). A
+            # numerical rule evaluates the tile and the variance vector with different
+            # vector widths and buckets, which may differ in the last bit, so copy the
+            # variance rather than rely on it. Closed forms guarantee it by construction
+            # (see ``variance``) and skip these passes over the tile.
+            same = (k.cov == k.var1) & (k.var1 == k.var2)
+            if bool(same.any()):
+                nngp = torch.where(same, var1.expand_as(nngp), nngp)
+        return k.replace(cov=nngp, var1=var1, var2=var2, ntk=ntk)
+
+    @property
+    def uses_quadrature(self) -> bool:
+        """Whether ``dual`` is a numerical rule (smaller tiles; exact x = x' entries are
+        then copied from ``variance``). Closed forms: False; quadrature activations,
+        including user-defined ones, override it to return True."""
+        return False
 
     def variance(self, var: torch.Tensor) -> torch.Tensor:
         """``E[φ(u)²]`` for ``u ~ N(0, var)``: the NNGP dual at ``cov = var1 = var2``.

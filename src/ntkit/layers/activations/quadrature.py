@@ -230,7 +230,9 @@ def hermite_dual(values: Values, degree: int, cov: torch.Tensor, var1: torch.Ten
     rho, _ = correlation(cov, var1, var2)
     s1 = torch.sqrt(var1).expand_as(cov)
     s2 = torch.sqrt(var2).expand_as(cov)
-    r = torch.sqrt(torch.clamp(1 - rho * rho, min=0))
+    # As in quadrature_dual: r = 0 exactly at ρ = ±1 with a zero (not NaN) gradient there.
+    gap = 1 - rho * rho
+    r = torch.sqrt(gap.clamp(min=torch.finfo(gap.dtype).tiny)) * (gap > 0)
     nngp = torch.zeros_like(cov)
     dot = torch.zeros_like(cov) if need_dot else None
     inner_scale = (s2 * r).unsqueeze(-1) * nodes  # (..., q)

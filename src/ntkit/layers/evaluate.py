@@ -1,0 +1,325 @@
+"""The analytic evaluator: a network's infinite-width NNGP and NTK kernels, tile by tile.
+
+It folds the network's ``kernel_map`` over :class:`~ntkit.layers.state.PairKernel` tiles and
+asks the network (never its type) what it needs to know: ``uses_quadrature`` for the tile
+size, ``kernel_layout`` to refuse a network that cannot consume the inputs' dense layout.
+It lives beside the layers so that ``Layer.kernel`` needs nothing from ``ntkit.kernels``;
+``ntkit.kernels.analytic`` re-exports it.
+
+The only O(N² d) work is the input Gram ``x1 x2ᵀ``; every layer after it is elementwise on
+the tile. Tiles are small enough to stay in cache, so the peak memory is the output plus a
+few tiles, never several ``N x N`` temporaries. With ``x2=None`` only the tiles on and
+above the diagonal are computed, and mirrored, so the result is exactly symmetric.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import torch
+
+from .._validation import (_describe_rows, as_input_pair, available_memory, format_bytes,
+                           resolve_dtype)
+from .state import DENSE, PairKernel
+
+if TYPE_CHECKING:
+    from .base import Layer
+
+KERNEL_NAMES = ("nngp", "ntk")
+# Bytes of elementwise workspace per tile entry: about a dozen live temporaries per layer.
+_WORKSPACE_FACTOR = 16
+_DEFAULT_TILE = 512
+
+
+@dataclass
+class Kernels:
+    """Infinite-width kernels: ``nngp`` and ``ntk`` are ``(N1, N2)`` per-output kernels (or
+    ``(N1,)`` diagonals); an entry is ``None`` when it was not requested. The kernel over
+    ``n_out`` outputs is ``k ⊗ I_{n_out}``."""
+
+    nngp: torch.Tensor | None = None
+    ntk: torch.Tensor | None = None
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in KERNEL_NAMES:
+            raise KeyError(f"{name!r}; kernels are {KERNEL_NAMES}")
+        value = getattr(self, name)
+        if value is None:
+            raise KeyError(f"{name!r} was not computed; pass get=({name!r}, ...)")
+        return value
+
+
+def normalize_get(get: str | Sequence[str]) -> tuple[str, ...]:
+    names = (get,) if isinstance(get, str) else tuple(get)
+    if not names or any(n not in KERNEL_NAMES for n in names):
+        raise ValueError(f"get must be 'nngp', 'ntk' or a tuple of them; got {get!r}.")
+    return names
+
+
+def _tiles(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+def _tile_size(memory_budget: int | None, n_kernels: int, itemsize: int, heavy: bool) -> int:
+    if memory_budget is None:
+        return 256 if heavy else _DEFAULT_TILE
+    per_entry = _WORKSPACE_FACTOR * (n_kernels + 1) * itemsize * (64 if heavy else 1)
+    side = int(math.sqrt(max(memory_budget, 1) / per_entry))
+    if side < 1:
+        raise ValueError(f"memory_budget={memory_budget} bytes is too small for even one "
+                         f"kernel entry ({per_entry} bytes); raise it.")
+    return side
+
+
+def _final(state: Any) -> PairKernel:
+    if not isinstance(state, PairKernel):
+        raise ValueError(f"The network ends with {len(state)} branches; end it with FanInSum().")
+    return state
+
+
+def _row_fingerprints(t: torch.Tensor) -> torch.Tensor:
+    """An integer per row, equal for equal rows: the sum of the rows' bit patterns.
+
+    Integer sums (wrapping in int32) are exact and order-free, so equal rows get equal
+    fingerprints whatever the reduction order; ``+ 0.0`` maps -0.0 to 0.0 first. One pass
+    over the inputs, where ``torch.unique(dim=0)`` sorts whole rows.
+    """
+    bits = (t.detach() + 0.0).contiguous().reshape(t.shape[0], -1)
+    if t.element_size() == 2:
+        return bits.view(torch.int16).sum(dim=1, dtype=torch.int32)
+    return bits.view(torch.int32).sum(dim=1, dtype=torch.int32)
+
+
+def _shared_row_ids(t1: torch.Tensor, t2: torch.Tensor | None):
+    """Ids that are equal exactly where a row of ``t1`` equals a row of ``t2`` (or, with
+    ``t2=None``, another row of ``t1``); ``(None, None)`` if no row is shared.
+
+    For x = x' the correlation must be exactly 1: the gemm value of x·x' differs from |x|² in
+    the last bit, which arccos turns into a 1e-8 error of the ReLU-family kernels. Rows are
+    first grouped by a cheap fingerprint; only rows whose fingerprint recurs are compared
+    exactly.
+    """
+    rows = t1 if t2 is None else torch.cat([t1, t2])
+    n1 = t1.shape[0]
+    _, group, counts = torch.unique(_row_fingerprints(rows), return_inverse=True,
+                                    return_counts=True)
+    candidates = (counts[group] > 1).nonzero().flatten()
+    if candidates.numel() == 0:
+        return None, None
+    _, exact = torch.unique(rows[candidates], dim=0, return_inverse=True)
+    # Unique ids: rows outside every candidate group keep their own index; candidates share
+    # the id (offset past every index) of their exact-equality class.
+    ids = torch.arange(rows.shape[0], device=rows.device)
+    ids[candidates] = rows.shape[0] + exact
+    if t2 is None:
+        if candidates.numel() == int(exact.max()) + 1:
+            return None, None  # fingerprints collided, but no two rows are equal
+        return ids, ids
+    ids1, ids2 = ids[:n1], ids[n1:]
+    if not bool(torch.isin(ids1, ids2).any()):
+        return None, None
+    return ids1, ids2
+
+
+def _upper_mask(size: int, device: torch.device) -> torch.Tensor:
+    """``(size, size)`` bool mask of the upper triangle, diagonal included."""
+    return torch.ones(size, size, dtype=torch.bool, device=device).triu_()
+
+
+def _mirror_upper(tile: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
+    """The square ``tile`` with its strict lower triangle replaced by the upper one.
+
+    Elementwise maps are symmetric in their two arguments only up to rounding: the
+    vectorised body and the scalar tail of a loop, or FMA contraction, may round the
+    (i, j) and (j, i) entries differently depending on the machine. Copying one triangle
+    makes ``K == K.T`` hold by construction, at one pass over the tile.
+    """
+    m = tile.shape[0]
+    return torch.where(upper[:m, :m], tile, tile.T)
+
+
+def _not_finite(t: torch.Tensor) -> torch.Tensor:
+    """0-d bool tensor: does ``t`` hold NaN or infinity? One pass, no mask, no sync."""
+    lo, hi = torch.aminmax(t.detach())
+    return ~(torch.isfinite(lo) & torch.isfinite(hi))
+
+
+def _overflow_error(net: Layer, names: tuple[str, ...], dtype: torch.dtype,
+                    inputs: Sequence[tuple[str, torch.Tensor]],
+                    results: dict[str, torch.Tensor] | None) -> ValueError:
+    """The error for a non-finite kernel, naming the rows that cause it.
+
+    A kernel entry is bounded by its rows' self-kernels, so the rows to blame are those
+    whose self-kernel ``k(x, x)`` is not finite: found in O(N d) by the diagonal mode. If no
+    self-kernel overflows (an activation misbehaving off the diagonal), the rows holding
+    non-finite entries are named instead.
+    """
+    parts: list[str] = []
+    largest = 0.0
+    for label, t in inputs:
+        with torch.no_grad():
+            diag = _diagonal_kernels(net, t.detach(), names)
+        # The input's own Gram entry, then what the network makes of it.
+        bad = ~torch.isfinite(torch.linalg.vecdot(t.detach(), t.detach()) / t.shape[1])
+        for name in names:
+            bad |= ~torch.isfinite(getattr(diag, name))
+        rows = bad.nonzero().flatten()
+        if rows.numel():
+            parts.append(f"rows [{_describe_rows(rows.cpu())}] of {label}")
+            largest = max(largest, float(t.detach()[rows].abs().max()))
+    if not parts and results is not None:
+        for name in names:
+            bad = ~torch.isfinite(results[name])
+            if bool(bad.any()):
+                parts.append(f"rows [{_describe_rows(bad.any(dim=1).nonzero().flatten().cpu())}]"
+                             f" of {inputs[0][0]} (entries off the diagonal)")
+                break
+    where = " and ".join(parts) if parts else "some rows"
+    scale = f" Their largest |feature| is {largest:.3g}." if largest else ""
+    remedy = ("rescale the inputs (e.g. standardise the features)"
+              + (" or compute in dtype=torch.float64" if dtype != torch.float64 else "")
+              + ", or reduce W_std or the depth if the network amplifies its input")
+    return ValueError(
+        f"The {'/'.join(names)} kernel is not finite (NaN or infinity) for {where}: the "
+        f"kernel values overflow {dtype} (largest finite value "
+        f"{torch.finfo(dtype).max:.3g}).{scale} To fix it, {remedy}.")
+
+
+def _diagonal_kernels(net: Layer, t1: torch.Tensor, names: tuple[str, ...]) -> Kernels:
+    """``k(x, x)`` for each row of ``t1``: ``(N,)`` kernels in O(N d)."""
+    n0 = t1.shape[1]
+    var = (t1 * t1).sum(dim=1) / n0
+    state = PairKernel(cov=var, var1=var, var2=var,
+                       ntk=torch.zeros_like(var) if "ntk" in names else None, width=n0,
+                       diagonal=True)
+    final = _final(net.kernel_map(state))
+    return Kernels(nngp=final.cov if "nngp" in names else None,
+                   ntk=final.ntk if "ntk" in names else None)
+
+
+def analytic_kernel(net: Layer, x1: Any, x2: Any | None = None,
+                    get: str | Sequence[str] = KERNEL_NAMES, diagonal: bool = False, *,
+                    dtype: Any = None, memory_budget: int | None = None,
+                    out: dict[str, torch.Tensor] | None = None) -> Kernels:
+    """Compute ``net``'s infinite-width kernels; see :meth:`ntkit.layers.base.Layer.kernel`.
+
+    ``out`` may supply preallocated ``(N1, N2)`` tensors by name (used by the out-of-core
+    paths); they are filled in place.
+
+    A kernel that is not finite raises ``ValueError`` naming the rows of ``x1``/``x2`` whose
+    self-kernels overflow. The result is differentiable with respect to inputs that require
+    grad (and tensor hyperparameters such as ``Dense(W_std=tensor)``); tiles are then joined
+    by concatenation rather than written in place.
+    """
+    names = normalize_get(get)
+    dtype = resolve_dtype(dtype)
+    t1, t2 = as_input_pair(x1, x2, dtype=dtype)
+    net.kernel_layout(DENSE)  # rows of features: refuse a network that cannot take them
+    n0 = t1.shape[1]
+    want_ntk = "ntk" in names
+
+    if diagonal:
+        if t2 is not None:
+            raise ValueError("diagonal=True computes k(x, x) for x1 only; pass x2=None.")
+        kernels = _diagonal_kernels(net, t1, names)
+        if bool(_not_finite(torch.stack([getattr(kernels, n) for n in names]))):
+            raise _overflow_error(net, names, dtype, [("x1", t1)], None)
+        return kernels
+
+    symmetric = t2 is None
+    t2 = t1 if symmetric else t2
+    n1, n2 = t1.shape[0], t2.shape[0]
+    itemsize = torch.finfo(dtype).bits // 8
+    need = n1 * n2 * itemsize * len(names)
+    results: dict[str, torch.Tensor] = {}
+    if out is None:
+        free = available_memory(t1.device)
+        if need > 0.9 * free:
+            raise MemoryError(
+                f"The dense {n1} x {n2} {'/'.join(names)} kernel needs {format_bytes(need)} "
+                f"but only {format_bytes(free)} is available on {t1.device}. Compute it out of "
+                "core with ntkit.scale.kernel_matrix(..., out=PATH), or solve without forming "
+                "it with ntkit.scale.solve(..., method='cg').")
+    else:
+        for name in names:
+            buf = out[name]
+            if tuple(buf.shape) != (n1, n2):
+                raise ValueError(f"out[{name!r}] has shape {tuple(buf.shape)}; need {(n1, n2)}.")
+            results[name] = buf
+
+    sq1 = torch.linalg.vecdot(t1, t1) / n0
+    sq2 = sq1 if symmetric else torch.linalg.vecdot(t2, t2) / n0
+    inputs = [("x1", t1)] if symmetric else [("x1", t1), ("x2", t2)]
+    # An input whose own Gram entry overflows has no usable kernel, even where a layer
+    # would turn inf into a finite number (LayerNorm: x.x'/sqrt(inf) = 0): refuse it here.
+    if bool(_not_finite(sq1) | _not_finite(sq2)):
+        raise _overflow_error(net, names, dtype, inputs, None)
+    ids1, ids2 = _shared_row_ids(t1, None if symmetric else t2)
+    size = _tile_size(memory_budget, len(names), itemsize, bool(net.uses_quadrature))
+    upper = _upper_mask(min(size, n1), t1.device) if symmetric else None
+    # The NTK of the raw input is 0; a 0-d tensor broadcasts without filling a tile.
+    zero = torch.zeros((), dtype=dtype, device=t1.device)
+    # One 0-d flag accumulated on the device: no host sync per tile.
+    not_finite = torch.zeros((), dtype=torch.bool, device=t1.device)
+    # With autograd tracking (inputs or hyperparameters that require grad) tiles are kept
+    # and concatenated: in-place writes into one buffer would make backward copy the whole
+    # kernel once per tile. Decided from the first tile, which sees every tracked input.
+    tracked: dict[str, dict[tuple[int, int], torch.Tensor]] | None = None
+    for rows in _tiles(n1, size):
+        for cols in _tiles(n2, size):
+            if symmetric and cols.start < rows.start:
+                continue
+            cov = (t1[rows] @ t2[cols].T).div_(n0)
+            if ids1 is not None:
+                same = ids1[rows, None] == ids2[None, cols]
+                cov = torch.where(same, sq1[rows, None].expand_as(cov), cov)
+            on_diagonal = symmetric and cols == rows
+            if on_diagonal:
+                # A Gram tile from gemm is symmetric only up to rounding, and its diagonal may
+                # differ from the row norms in the last bit (which arccos would amplify to
+                # ~1e-8 at rho = 1). Make both exact.
+                cov = _mirror_upper(cov, upper)
+                cov.diagonal().copy_(sq1[rows])
+            state = PairKernel(cov=cov, var1=sq1[rows, None], var2=sq2[None, cols],
+                               ntk=zero if want_ntk else None, width=n0)
+            final = _final(net.kernel_map(state))
+            for name in names:
+                tile = final.cov if name == "nngp" else final.ntk
+                if on_diagonal:
+                    tile = _mirror_upper(tile, upper)
+                not_finite |= _not_finite(tile)
+                if not results and tracked is None:  # the first tile decides
+                    if tile.requires_grad:
+                        tracked = {n: {} for n in names}
+                    else:
+                        for n in names:
+                            results[n] = torch.empty(n1, n2, dtype=dtype, device=t1.device)
+                if tracked is not None:
+                    tracked[name][rows.start, cols.start] = tile
+                    continue
+                target = results[name]
+                target[rows, cols] = tile
+                if symmetric and cols.start != rows.start:
+                    target[cols, rows] = tile.T
+    if tracked is not None:
+        for name, tiles in tracked.items():
+            results[name] = _assemble(tiles, n1, n2, size, symmetric)
+    if bool(not_finite):
+        raise _overflow_error(net, names, dtype, inputs, results)
+    return Kernels(nngp=results.get("nngp"), ntk=results.get("ntk"))
+
+
+def _assemble(tiles: dict[tuple[int, int], torch.Tensor], n1: int, n2: int, size: int,
+              symmetric: bool) -> torch.Tensor:
+    """Join tiles keyed by their (row, column) starts into the ``(n1, n2)`` kernel; for a
+    symmetric kernel only the tiles on and above the diagonal are given."""
+    rows = []
+    for r in range(0, n1, size):
+        row = []
+        for c in range(0, n2, size):
+            row.append(tiles[r, c] if not symmetric or c >= r else tiles[c, r].T)
+        rows.append(torch.cat(row, dim=1))
+    return torch.cat(rows, dim=0)
