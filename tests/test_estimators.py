@@ -29,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 @parametrize_with_checks([NTKRegressor(), NNGPRegressor(), NTKRegressor(t=50.0, diag_reg=1e-3),
                           NTKRegressor(solver="cg", diag_reg=1e-3),
                           NTKRegressor(parameterization="standard", width=64),
-                          NTKClassifier(), NTKClassifier(kernel="nngp", diag_reg=1e-4),
+                          NTKClassifier(), NTKClassifier(get="nngp", diag_reg=1e-4),
                           NTKClassifier(loss="cross_entropy", t=20.0),
                           NTKClassifier(solver="cg", diag_reg=1e-3)])
 def test_sklearn_compatible(estimator, check):
@@ -214,15 +214,18 @@ def test_indefinite_train_kernel_error_names_the_input_scale(monkeypatch):
     deterministic by negating one eigenvalue of the train kernel."""
     from ntkit.estimators import kernel_machines
 
-    def indefinite(net, X1, X2=None, **kwargs):
-        k = nk.scale.kernel_matrix(net, X1, X2, **kwargs)
+    computed = kernel_machines._InfiniteNetworkBase._kernel
+
+    def indefinite(self, X1, X2, get):
+        k = computed(self, X1, X2, get)
         if X2 is None:
             evals, evecs = np.linalg.eigh(k.numpy())
             evals[0] = -0.5 * evals[-1]
             k = k.new_tensor((evecs * evals) @ evecs.T)
+            k = 0.5 * (k + k.T)  # symmetric, as the evaluator's train kernels are
         return k
 
-    monkeypatch.setattr(kernel_machines, "kernel_matrix", indefinite)
+    monkeypatch.setattr(kernel_machines._InfiniteNetworkBase, "_kernel", indefinite)
     gen = np.random.default_rng(0)
     pixels = gen.integers(0, 256, size=(30, 8)).astype(float)
     pixels[:, 5] = 255.0  # the largest scale, 255, sits in column 5
@@ -235,12 +238,13 @@ def test_indefinite_train_kernel_error_names_the_input_scale(monkeypatch):
     with pytest.raises(ValueError, match="not positive semi-definite.*StandardScaler"):
         NTKClassifier(activation="tanh").fit(pixels, y > 0)
     # The cross-entropy flow has no t = inf solve and so no PSD check; a non-finite train
-    # kernel (overflow at a huge input scale) gets the same hint there.
-    monkeypatch.setattr(kernel_machines, "kernel_matrix",
-                        lambda *a, **kw: indefinite(*a, **kw) * np.inf)
-    with pytest.raises(ValueError, match="NaN or infinite.*is 255, in column 5.*StandardScaler"):
-        NTKClassifier(activation="tanh", loss="cross_entropy", t=10.0).fit(pixels, y > 0)
-    monkeypatch.setattr(kernel_machines, "kernel_matrix", indefinite)
+    # kernel (overflow at a huge input scale, refused by the evaluator) gets the same hint.
+    monkeypatch.undo()
+    huge = pixels * 1e160  # x·x/d overflows float64
+    with pytest.raises(ValueError, match=r"not finite.*The largest feature scale .* is "
+                       r"inf, in column \d\..*StandardScaler"):
+        NTKClassifier(activation="tanh", loss="cross_entropy", t=10.0).fit(huge, y > 0)
+    monkeypatch.setattr(kernel_machines._InfiniteNetworkBase, "_kernel", indefinite)
     # Standardised features: the scale is named, but standardising is not the remedy.
     scaled = StandardScaler().fit_transform(pixels[:, :5])
     with pytest.raises(ValueError, match=r"is 1, in column \d\.$"):
@@ -364,8 +368,8 @@ def test_cg_solver_matches_direct(Est):
     np.testing.assert_allclose(cg.predict(Xt), expected, rtol=0,
                                atol=1e-6 * np.abs(expected).max())
     X, y, Xt, _ = _classification(n=90)
-    direct = NTKClassifier(kernel=Est._kind, diag_reg=1e-3).fit(X, y).decision_function(Xt)
-    cg = NTKClassifier(kernel=Est._kind, diag_reg=1e-3, solver="cg").fit(X, y)
+    direct = NTKClassifier(get=Est._get, diag_reg=1e-3).fit(X, y).decision_function(Xt)
+    cg = NTKClassifier(get=Est._get, diag_reg=1e-3, solver="cg").fit(X, y)
     np.testing.assert_allclose(cg.decision_function(Xt), direct, rtol=0,
                                atol=1e-6 * np.abs(direct).max())
 
@@ -400,12 +404,13 @@ def test_cg_fit_never_forms_the_train_kernel(monkeypatch):
     from ntkit.estimators import kernel_machines
 
     calls = []
+    computed = kernel_machines._InfiniteNetworkBase._kernel
 
-    def recording(net, X1, X2=None, **kwargs):
+    def recording(self, X1, X2, get):
         calls.append(X2 is None)
-        return nk.scale.kernel_matrix(net, X1, X2, **kwargs)
+        return computed(self, X1, X2, get)
 
-    monkeypatch.setattr(kernel_machines, "kernel_matrix", recording)
+    monkeypatch.setattr(kernel_machines._InfiniteNetworkBase, "_kernel", recording)
     X, y, Xt = _regression(n=50)
     NTKRegressor(diag_reg=1e-3, solver="cg").fit(X, y).predict(Xt)
     assert calls and not any(calls)
@@ -466,3 +471,46 @@ def test_estimators_run_on_cuda():
     gpu = NTKRegressor(t=5.0, device="cuda").fit(X, y).predict(Xt, return_std=True)
     for a, b in zip(cpu, gpu):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_classifier_kernel_keyword_is_deprecated_for_get():
+    # "Which kernel" is get= across ntkit; NTKClassifier(kernel=) still fits, with a
+    # DeprecationWarning at fit, the very same model.
+    X, y, Xt, _ = _classification(n=40)
+    new = NTKClassifier(get="nngp", diag_reg=1e-4).fit(X, y)
+    old = NTKClassifier(kernel="nngp", diag_reg=1e-4)
+    assert old.get_params()["kernel"] == "nngp"  # stored as given (sklearn's contract)
+    with pytest.warns(DeprecationWarning, match="kernel= is deprecated.*get='nngp'"):
+        old.fit(X, y)
+    np.testing.assert_array_equal(old.decision_function(Xt), new.decision_function(Xt))
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError,
+                                                         match="kernel must be one of"):
+        NTKClassifier(kernel="rbf").fit(X, y)
+    with pytest.raises(ValueError, match="get must be one of"):
+        NTKClassifier(get="rbf").fit(X, y)
+
+
+def test_fit_validates_the_data_once(monkeypatch):
+    """X and y are validated at the estimator's boundary (sklearn's validate_data) and the
+    train kernel comes from the analytic evaluator, exactly symmetric: none of the library's
+    tensor checks sees y or the train kernel again (formerly X three times, y twice, K
+    once). The one remaining check of X is the evaluator's own (ntkit.layers.evaluate)."""
+    import sys
+
+    import ntkit._validation as V
+
+    seen = []
+    original = V.as_tensor
+
+    def counting(x, name, **kwargs):
+        seen.append(name)
+        return original(x, name, **kwargs)
+
+    # Every module that imported the check by name, so that no caller escapes the count.
+    for module in [m for n, m in sys.modules.items() if n.startswith("ntkit")]:
+        if getattr(module, "as_tensor", None) is original:
+            monkeypatch.setattr(module, "as_tensor", counting)
+    X, y, _ = _regression(n=30)
+    NTKRegressor().fit(X, y)
+    assert not any(name in ("y", "y_train", "k_train_train") for name in seen), seen
+    assert len(seen) <= 1, seen

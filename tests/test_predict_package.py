@@ -62,3 +62,46 @@ def test_symmetry_tolerance_is_sqrt_eps_of_the_largest_entry(dtype):
             with pytest.raises(ValueError, match="k_train_train is not symmetric"):
                 call()
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_symmetry_tolerance_across_the_library(dtype):
+    # predict, spectral and the solvers judge a square kernel by the same rule: an asymmetry
+    # of a quarter of sqrt(eps) · max|K| is rounding (accepted, then symmetrised), twice that
+    # is a wrong matrix (refused, naming it). Formerly spectral refused above 1e-10 · max|K|
+    # (so float32 kernels, and float64 ones summed over many terms, were refused) and the
+    # solvers accepted any asymmetry.
+    n = 12
+    k = _kernel(n, dtype)
+    y = torch.ones(n, dtype=dtype)
+    tol = math.sqrt(torch.finfo(dtype).eps) * float(k.abs().max())
+    ok, bad = k + _antisymmetric(n, 0.25 * tol, dtype), k + _antisymmetric(n, 2 * tol, dtype)
+    sym = 0.5 * (ok + ok.T)
+    checks = {
+        "predict": lambda m: nk.predict.gradient_descent_mse(m, y)(math.inf).train,
+        "spectral": lambda m: nk.spectral.eigen(m).values,
+        "solvers": lambda m: nk.scale.solve(m, None, y).coef,
+    }
+    for where, check in checks.items():
+        # Accepted and symmetrised: the same numbers as the symmetrised matrix itself.
+        assert torch.equal(check(ok), check(sym)), where
+        with pytest.raises(ValueError, match="is not symmetric"):
+            check(bad)
+
+
+def test_one_ridge_rule_across_the_library():
+    # λ = diag_reg · mean(diag K) (or diag_reg itself, absolute) in predict and the solvers.
+    n = 10
+    k = _kernel(n, torch.float64)
+    y = torch.linspace(-1, 1, n, dtype=torch.float64)
+    mean_diag = float(k.diagonal().mean())
+    for reg, absolute, ridge in ((1e-2, False, 1e-2 * mean_diag), (1e-2, True, 1e-2)):
+        exact = torch.linalg.solve(k + ridge * torch.eye(n, dtype=k.dtype), y)
+        got = nk.scale.solve(k, None, y, diag_reg=reg, diag_reg_absolute_scale=absolute)
+        assert got.ridge == ridge
+        flow = nk.predict.gradient_descent_mse(k, y, diag_reg=reg,
+                                               diag_reg_absolute_scale=absolute)
+        # Cholesky solves of a matrix with condition number < 10: agreement to ~N · eps.
+        torch.testing.assert_close(got.coef, exact, rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(flow.dual_coefficients(math.inf), exact, rtol=1e-13,
+                                   atol=1e-13)

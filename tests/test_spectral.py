@@ -196,3 +196,17 @@ def test_eigen_and_eigenfunctions_follow_cuda_inputs(method):
     out = fns(x[:5].cuda())
     assert out.device.type == "cuda"
     torch.testing.assert_close(out, fns.train_values[:5], rtol=1e-9, atol=1e-10)
+
+
+def test_eigenfunctions_kernel_keyword_is_deprecated_for_get():
+    # "Which kernel" is get= across ntkit; kernel= works for one release, with a warning.
+    x = torch.linspace(-1, 1, 12, dtype=torch.float64)[:, None] * torch.tensor([[1.0, 0.5]])
+    net = nk.mlp(3, 1, b_std=0.1)
+    new = spectral.eigenfunctions(net, x, 3, get="nngp")
+    with pytest.warns(DeprecationWarning, match="kernel= is deprecated.*get='nngp'"):
+        old = spectral.eigenfunctions(net, x, 3, kernel="nngp")
+    assert torch.equal(old.values, new.values)
+    ref = spectral.eigen(net.kernel(x, get="nngp").nngp, 3)
+    torch.testing.assert_close(new.values, ref.values, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="get must be one of"):
+        spectral.eigenfunctions(net, x, 3, get="cnn")

@@ -278,12 +278,13 @@ def symmetry_tolerance(scale: float, dtype: torch.dtype) -> float:
 def as_square_kernel(k: Tensorish, name: str, *, dtype: torch.dtype | None = None
                      ) -> torch.Tensor:
     """An ``(N, N)`` kernel matrix as a floating tensor (``dtype``, else its own floating
-    dtype, else float64): non-empty, finite, and symmetric to :func:`symmetry_tolerance`;
-    then made exactly symmetric, so that every use (a Cholesky factor reads one triangle,
-    an eigensolver may read either) sees the same matrix."""
+    dtype, else float64): non-empty, finite, and symmetric to :func:`symmetry_tolerance`
+    of the precision it was computed in (its own dtype); then made exactly symmetric, so
+    that every use (a Cholesky factor reads one triangle, an eigensolver may read either)
+    sees the same matrix."""
     if k is None:
         raise ValueError(f"{name} is None; expected an (N, N) kernel matrix.")
-    t = as_tensor(k, name, dtype=dtype)
+    t = as_tensor(k, name)
     if t.ndim != 2 or t.shape[0] != t.shape[1]:
         raise ValueError(f"{name} must be a square (N, N) per-output kernel; got shape "
                          f"{tuple(t.shape)}. (For n_out outputs pass the per-output kernel K, "
@@ -299,7 +300,7 @@ def as_square_kernel(k: Tensorish, name: str, *, dtype: torch.dtype | None = Non
                          f"{scale:.3e}); a train-train kernel must be symmetric.")
     if asym > 0:
         t = 0.5 * (t + t.T)
-    return t
+    return t if dtype is None else t.to(dtype)
 
 
 # ------------------------------------------------------------------- ridge, learning rate

@@ -8,7 +8,7 @@ integrator); they take and return numpy arrays and follow scikit-learn's convent
 
 Conventions
 -----------
-* Kernel: ``net.kernel(...)[kind]``, the per-output kernel (``k ⊗ I`` over outputs, so every
+* Kernel: ``net.kernel(...)[get]``, the per-output kernel (``k ⊗ I`` over outputs, so every
   target column is fitted with the same kernel).
 * Ridge: ``λ = diag_reg · mean(diag K_train)`` (neural-tangents' convention), or ``λ =
   diag_reg`` with ``diag_reg_absolute_scale=True``. The regularized train kernel is
@@ -47,11 +47,15 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 
-from .._validation import check_choice, check_nonnegative, check_positive_int, resolve_dtype
+from .._validation import (UNSET, check_choice, check_get_renamed, check_nonnegative,
+                           check_positive_int, resolve_dtype, resolve_ridge)
 from ..layers.base import Layer
-from ..predict import gradient_descent_mse, gradient_flow
-from ..scale.solvers import resolve_ridge, solve
-from ..scale.tiled import DEFAULT_TILE, kernel_matrix, tile_slices
+# The estimators validate X and y once (sklearn's validate_data) and hand the validated
+# tensors to the predictors' internal entry points, which do not check them again.
+from ..predict._mse import mse_predictor
+from ..predict._ode import flow_predictor
+from ..scale.solvers import KernelOperator, solve_validated
+from ..scale.tiled import DEFAULT_TILE, tile_slices
 
 _DEFAULT_WIDTH = 512  # the declared hidden width; only the standard-param kernel depends on it
 # Features whose root mean square exceeds this are "large": standardising them is the first
@@ -79,7 +83,7 @@ def _check_time(t: Any) -> float:
 class _InfiniteNetworkBase(BaseEstimator):
     """Shared machinery: architecture parameters, kernels, fitting the MSE flow, predicting."""
 
-    _kind = "ntk"
+    _get = "ntk"  # the kernel fitted with, as net.kernel(..., get=)
 
     def __init__(self, net: Layer | None = None, *, depth: int = 3, activation: Any = "relu",
                  W_std: float = 1.0, b_std: float = 0.1, parameterization: str = "ntk",
@@ -123,11 +127,14 @@ class _InfiniteNetworkBase(BaseEstimator):
             X = X.copy()
         return torch.as_tensor(X, dtype=self._dtype, device=self._device)
 
-    def _kernel(self, X1: torch.Tensor, X2: torch.Tensor | None, kind: str) -> torch.Tensor:
-        return kernel_matrix(self.net_, X1, X2, get=kind, progress=False, dtype=self._dtype)
+    def _kernel(self, X1: torch.Tensor, X2: torch.Tensor | None, get: str) -> torch.Tensor:
+        # net.kernel tiles within its memory budget and refuses a dense kernel that cannot
+        # fit; with X2 = None it is exactly symmetric (mirrored tiles), so the predictors
+        # can take it without a symmetry check.
+        return self.net_.kernel(X1, X2, get=get, dtype=self._dtype)[get]
 
-    def _kernel_diag(self, X: torch.Tensor, kind: str) -> torch.Tensor:
-        return self.net_.kernel(X, get=kind, diagonal=True, dtype=self._dtype)[kind]
+    def _kernel_diag(self, X: torch.Tensor, get: str) -> torch.Tensor:
+        return self.net_.kernel(X, get=get, diagonal=True, dtype=self._dtype)[get]
 
     def _check_params(self) -> None:
         """Validate the parameters shared by every ``fit`` and set the fitted network."""
@@ -163,11 +170,12 @@ class _InfiniteNetworkBase(BaseEstimator):
         self._X_train = Xt
         if self.solver == "cg":
             tol = _CG_TOL[self._dtype] if self.cg_tol is None else float(self.cg_tol)
-            result = solve(self.net_, Xt, Yt, method="cg", preconditioner="nystrom",
-                           diag_reg=self.diag_reg,
-                           diag_reg_absolute_scale=self.diag_reg_absolute_scale,
-                           get=self._kind, tol=tol, max_iter=int(self.cg_max_iter),
-                           n_landmarks=int(self.n_landmarks), dtype=self._dtype)
+            op = KernelOperator.from_validated(self.net_, Xt, get=self._get)
+            result = solve_validated(op, Yt, method="cg", preconditioner="nystrom",
+                                     diag_reg=self.diag_reg,
+                                     diag_reg_absolute_scale=self.diag_reg_absolute_scale,
+                                     tol=tol, max_iter=int(self.cg_max_iter),
+                                     n_landmarks=int(self.n_landmarks))
             if not result.converged:
                 warnings.warn(f"solver='cg' stopped after {result.iterations} iterations at "
                               f"relative residual {result.residual:.2e} (tolerance {tol:.0e}); "
@@ -178,17 +186,17 @@ class _InfiniteNetworkBase(BaseEstimator):
             self._coef = result.coef
             self.n_iter_ = result.iterations
             return
-        K = self._kernel(Xt, None, self._kind)
-        self.ridge_ = resolve_ridge(self.diag_reg, K.diagonal(), self.diag_reg_absolute_scale)
         # JGH's cost (½ · mean over examples) at learning rate 1 is the estimator's time.
         try:
-            self._flow = gradient_descent_mse(K, Yt, learning_rate=1.0, cost="jgh",
-                                              diag_reg=self.ridge_,
-                                              diag_reg_absolute_scale=True,
-                                              pseudo_inverse=True)
+            K = self._kernel(Xt, None, self._get)  # refuses a kernel that overflows
+            self.ridge_ = resolve_ridge(self.diag_reg, K.diagonal(),
+                                        self.diag_reg_absolute_scale)
+            self._flow = mse_predictor(K, Yt, learning_rate=1.0, cost="jgh",
+                                       diag_reg=self.ridge_, absolute=True,
+                                       pseudo_inverse=True)
             del K
             self._coef = self._flow.dual_coefficients(self._t)  # f_t(x) = k(x, X) @ coef
-        except ValueError as err:  # an indefinite or overflowing train kernel
+        except ValueError as err:  # an overflowing or indefinite train kernel
             raise ValueError(f"{err} {_input_scale_hint(X)}") from err
 
     def _predict_tensors(self, X: np.ndarray, return_std: bool = False
@@ -206,14 +214,14 @@ class _InfiniteNetworkBase(BaseEstimator):
         std = torch.empty(Xt.shape[0], dtype=self._dtype, device=Xt.device) \
             if return_std else None
         for rows in tile_slices(Xt.shape[0], max(1, _PREDICT_BLOCK // n_train)):
-            if return_std and self._kind == "ntk":
+            if return_std and self._get == "ntk":
                 # One pass of the layer recursion yields both kernels.
                 both = self.net_.kernel(Xt[rows], self._X_train, get=("nngp", "ntk"),
                                         dtype=self._dtype)
                 k_test_train, nngp_test_train = both.ntk, both.nngp
             else:
-                k_test_train = self._kernel(Xt[rows], self._X_train, self._kind)
-                nngp_test_train = k_test_train  # used only when the kind is "nngp"
+                k_test_train = self._kernel(Xt[rows], self._X_train, self._get)
+                nngp_test_train = k_test_train  # used only when get is "nngp"
             mean[rows] = k_test_train @ self._coef
             if return_std:
                 std[rows] = self._std(Xt[rows], k_test_train, nngp_test_train)
@@ -223,7 +231,7 @@ class _InfiniteNetworkBase(BaseEstimator):
              nngp_test_train: torch.Tensor) -> torch.Tensor:
         """Ensemble standard deviation of ``f_t(x)``, shape ``(n,)``."""
         if self._nngp_train is None:
-            if self._kind == "nngp":  # the flow's regularised kernel is that very matrix
+            if self._get == "nngp":  # the flow's regularised kernel is that very matrix
                 self._nngp_train = self._flow.k_train_train
             else:
                 K = self._kernel(self._X_train, None, "nngp")
@@ -320,7 +328,7 @@ class NTKRegressor(_InfiniteNetworkRegressor):
         gradient iterations (``solver="cg"``; ``None`` otherwise). ``n_features_in_``.
     """
 
-    _kind = "ntk"
+    _get = "ntk"
 
 
 class NNGPRegressor(_InfiniteNetworkRegressor):
@@ -330,7 +338,7 @@ class NNGPRegressor(_InfiniteNetworkRegressor):
     variance ``λ``) at ``t = inf``. Parameters as :class:`NTKRegressor`.
     """
 
-    _kind = "nngp"
+    _get = "nngp"
 
 
 class NTKClassifier(ClassifierMixin, _InfiniteNetworkBase):
@@ -360,10 +368,12 @@ class NTKClassifier(ClassifierMixin, _InfiniteNetworkBase):
     classes, ``f_1(x) − f_0(x)``, shape ``(n,)``).
 
     Args:
-        kernel: "ntk" (default) or "nngp".
+        get: the kernel, "ntk" (default) or "nngp" (as in ``net.kernel(..., get=)``).
         loss: "mse" or "cross_entropy".
         solver: "direct" or "cg" (``loss="mse"`` and ``t = inf`` only), as in
             :class:`NTKRegressor`.
+        kernel: deprecated former name of ``get`` (``None``: not given); a
+            ``DeprecationWarning`` at ``fit``.
         Others as :class:`NTKRegressor`.
 
     Attributes:
@@ -374,25 +384,29 @@ class NTKClassifier(ClassifierMixin, _InfiniteNetworkBase):
     def __init__(self, net: Layer | None = None, *, depth: int = 3, activation: Any = "relu",
                  W_std: float = 1.0, b_std: float = 0.1, parameterization: str = "ntk",
                  width: int = _DEFAULT_WIDTH, t: float = np.inf, diag_reg: float = 0.0,
-                 diag_reg_absolute_scale: bool = False, kernel: str = "ntk",
+                 diag_reg_absolute_scale: bool = False, get: str = "ntk",
                  loss: str = "mse", solver: str = "direct", cg_tol: float | None = None,
                  cg_max_iter: int = _CG_MAX_ITER, n_landmarks: int = 1000,
-                 dtype: str = "float64", device: str | None = None):
+                 dtype: str = "float64", device: str | None = None,
+                 kernel: str | None = None):
         super().__init__(net, depth=depth, activation=activation, W_std=W_std, b_std=b_std,
                          parameterization=parameterization, width=width, t=t,
                          diag_reg=diag_reg,
                          diag_reg_absolute_scale=diag_reg_absolute_scale, solver=solver,
                          cg_tol=cg_tol, cg_max_iter=cg_max_iter, n_landmarks=n_landmarks,
                          dtype=dtype, device=device)
-        self.kernel = kernel
+        self.get = get
         self.loss = loss
+        self.kernel = kernel
 
     def fit(self, X, y) -> NTKClassifier:
         """Fit on ``X`` of shape ``(N, d)`` and class labels ``y`` of shape ``(N,)``."""
         X, y = validate_data(self, X, y, dtype=np.float64)
         check_classification_targets(y)
         y = column_or_1d(y, warn=True)
-        self._kind = check_choice(self.kernel, "kernel", ("ntk", "nngp"))
+        # sklearn stores constructor arguments as given: None marks kernel= as not passed.
+        self._get = check_get_renamed(self.get, UNSET if self.kernel is None else self.kernel,
+                                      old="kernel", where="NTKClassifier")
         check_choice(self.loss, "loss", ("mse", "cross_entropy"))
         self.classes_, y_index = np.unique(y, return_inverse=True)
         Y = np.eye(len(self.classes_))[y_index]
@@ -411,9 +425,6 @@ class NTKClassifier(ClassifierMixin, _InfiniteNetworkBase):
     def _fit_cross_entropy(self, X: np.ndarray, Y: np.ndarray) -> None:
         self._check_params()
         Xt = self._tensor(X)
-        theta = self._kernel(Xt, None, self._kind)
-        self.ridge_ = resolve_ridge(self.diag_reg, theta.diagonal(),
-                                    self.diag_reg_absolute_scale)
         n, c = Y.shape
         # Large kernel values (unscaled inputs) make the flow stiff; for small problems an
         # implicit-capable method with the exact Jacobian keeps the step count low. The
@@ -421,13 +432,15 @@ class NTKClassifier(ClassifierMixin, _InfiniteNetworkBase):
         # cost grows with the kernel's scale: standardise the inputs).
         small = n * c <= _STIFF_SOLVER_MAX_SIZE
         try:
-            flow = gradient_flow("cross_entropy", theta, self._tensor(Y), learning_rate=1.0,
-                                 cost="jgh", method="LSODA" if small else "RK45", rtol=1e-8,
-                                 atol=1e-10, diag_reg=self.ridge_,
-                                 diag_reg_absolute_scale=True)
+            theta = self._kernel(Xt, None, self._get)  # refuses a kernel that overflows
+            self.ridge_ = resolve_ridge(self.diag_reg, theta.diagonal(),
+                                        self.diag_reg_absolute_scale)
+            flow = flow_predictor("cross_entropy", theta, self._tensor(Y), learning_rate=1.0,
+                                  cost="jgh", method="LSODA" if small else "RK45", rtol=1e-8,
+                                  atol=1e-10, diag_reg=self.ridge_, absolute=True)
             del theta
             result = flow.dual_coefficients(self._t)
-        except ValueError as err:  # an indefinite or overflowing train kernel
+        except ValueError as err:  # an overflowing or indefinite train kernel
             raise ValueError(f"{err} {_input_scale_hint(X)}") from err
         self._X_train = Xt
         self._coef = result.coef  # the train logits are f = Θ A: A_t determines everything

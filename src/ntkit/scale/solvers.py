@@ -27,17 +27,19 @@ import torch
 
 from .._validation import (
     as_inputs,
+    as_square_kernel,
     as_tensor,
     check_choice,
     check_finite,
+    check_get,
     check_nonnegative,
     check_positive_int,
     resolve_dtype,
+    resolve_ridge,
 )
 from ..layers.base import Layer
 from .tiled import (
     DEFAULT_TILE,
-    KERNEL_CHOICES,
     _progress_bar,
     check_dense_fits,
     iter_tiles,
@@ -73,10 +75,20 @@ class KernelOperator:
                  dtype: Any = None, progress: bool = False):
         from .tiled import check_net
 
-        self.net = check_net(net)
-        self.get = check_choice(get, "get", KERNEL_CHOICES)
-        self.tile = check_positive_int(tile, "tile")
-        self.X = as_inputs(X, "X", dtype=resolve_dtype(dtype))
+        self._setup(check_net(net), as_inputs(X, "X", dtype=resolve_dtype(dtype)),
+                    check_get(get), check_positive_int(tile, "tile"), progress)
+
+    @classmethod
+    def from_validated(cls, net: Layer, X: torch.Tensor, *, get: str, tile: int = DEFAULT_TILE,
+                       progress: bool = False) -> KernelOperator:
+        """The operator of a network and a finite ``(N, d)`` floating tensor ``X`` that the
+        caller validated (the estimators); nothing is checked again."""
+        op = cls.__new__(cls)
+        op._setup(net, X, get, tile, progress)
+        return op
+
+    def _setup(self, net: Layer, X: torch.Tensor, get: str, tile: int, progress: bool) -> None:
+        self.net, self.X, self.get, self.tile = net, X, get, tile
         n = self.X.shape[0]
         self.shape = (n, n)
         self.dtype = self.X.dtype
@@ -118,16 +130,14 @@ class KernelOperator:
 
 
 class DenseOperator:
-    """A kernel matrix already in memory, behind the same interface as :class:`KernelOperator`."""
+    """A kernel matrix already in memory, behind the same interface as :class:`KernelOperator`.
+
+    ``K`` is checked as every train kernel in ntkit (:func:`ntkit._validation.as_square_kernel`:
+    finite, symmetric to one tolerance, then made exactly symmetric): CG and the Nyström
+    preconditioner assume a symmetric matrix, and read it by rows and by columns."""
 
     def __init__(self, K: Any, dtype: Any = None):
-        k = as_tensor(K, "K", dtype=resolve_dtype(dtype) if dtype is not None else None)
-        if not k.is_floating_point():
-            k = k.to(torch.float64)
-        if k.ndim != 2 or k.shape[0] != k.shape[1]:
-            raise ValueError(f"K must be a square (N, N) kernel matrix; got shape "
-                             f"{tuple(k.shape)}.")
-        check_finite(k, "K")
+        k = as_square_kernel(K, "K", dtype=resolve_dtype(dtype) if dtype is not None else None)
         self.K = k
         self.shape = tuple(k.shape)
         self.dtype = k.dtype
@@ -260,14 +270,6 @@ def conjugate_gradient(apply_A, b: torch.Tensor, *, preconditioner=None, tol: fl
     return x, it, rel, history
 
 
-def resolve_ridge(diag_reg: float, diag: torch.Tensor | None, absolute: bool) -> float:
-    """The absolute ridge: ``diag_reg`` times the mean of ``diag(K)`` unless ``absolute``."""
-    diag_reg = check_nonnegative(diag_reg, "diag_reg")
-    if absolute or diag_reg == 0:
-        return diag_reg
-    return diag_reg * float(diag.mean())
-
-
 def solve(net_or_operator: Layer | LinearKernelOperator | Any, X: Any, y: Any, *,
           method: str = "cholesky", preconditioner: str | None = None, diag_reg: float = 0.0,
           diag_reg_absolute_scale: bool = False, tol: float = 1e-6, max_iter: int = 1000,
@@ -330,8 +332,26 @@ def solve(net_or_operator: Layer | LinearKernelOperator | Any, X: Any, y: Any, *
         raise ValueError(f"y must have shape ({n},) or ({n}, k) to match the {n} training "
                          f"points; got shape {tuple(yt.shape)}.")
     check_finite(yt.reshape(n, -1), "y")
-    vec = yt.ndim == 1
-    Y = yt.reshape(n, -1)
+    result = solve_validated(op, yt.reshape(n, -1), method=method,
+                             preconditioner=preconditioner, diag_reg=diag_reg,
+                             diag_reg_absolute_scale=diag_reg_absolute_scale, tol=tol,
+                             max_iter=max_iter, n_landmarks=n_landmarks, seed=seed,
+                             progress=progress, callback=callback)
+    if yt.ndim == 1:
+        result.coef = result.coef[:, 0]
+    return result
+
+
+def solve_validated(op: LinearKernelOperator, Y: torch.Tensor, *, method: str,
+                    preconditioner: str | None, diag_reg: float,
+                    diag_reg_absolute_scale: bool, tol: float, max_iter: int,
+                    n_landmarks: int, seed: int | None = 0, progress: bool = False,
+                    callback=None) -> SolveResult:
+    """:func:`solve` for callers that validated already (the estimators): a kernel operator
+    (e.g. :meth:`KernelOperator.from_validated`), finite ``(N, k)`` targets ``Y`` in its
+    dtype and device, and checked settings; nothing is checked again. ``coef`` is
+    ``(N, k)``."""
+    n = op.shape[0]
     diag = op.diagonal()
     ridge = resolve_ridge(diag_reg, diag, diag_reg_absolute_scale)
 
@@ -351,7 +371,7 @@ def solve(net_or_operator: Layer | LinearKernelOperator | Any, X: Any, y: Any, *
             raise ValueError("The kernel matrix plus ridge is not positive definite (repeated "
                              "or nearly collinear inputs); increase diag_reg, e.g. diag_reg=1e-6.")
         coef = torch.cholesky_solve(Y, L)
-        return SolveResult(coef=coef[:, 0] if vec else coef, method="cholesky", ridge=ridge)
+        return SolveResult(coef=coef, method="cholesky", ridge=ridge)
 
     precond = None
     if preconditioner == "nystrom":
@@ -362,6 +382,6 @@ def solve(net_or_operator: Layer | LinearKernelOperator | Any, X: Any, y: Any, *
 
     coef, iters, rel, history = conjugate_gradient(apply_A, Y, preconditioner=precond, tol=tol,
                                                    max_iter=max_iter, callback=callback)
-    return SolveResult(coef=coef[:, 0] if vec else coef, method="cg", ridge=ridge,
+    return SolveResult(coef=coef, method="cg", ridge=ridge,
                        iterations=iters, residual=float(rel.max()),
                        converged=bool((rel <= tol).all()), history=history)

@@ -18,7 +18,7 @@ import scipy.linalg
 import scipy.sparse.linalg
 import torch
 
-from .._validation import as_tensor, check_choice, check_finite, check_positive_int
+from .._validation import as_square_kernel, check_choice, check_positive_int
 
 METHODS = ("auto", "eigh", "lanczos", "lobpcg", "power")
 # "auto" uses a full eigh up to this size, or when more than this fraction of the spectrum is
@@ -55,18 +55,10 @@ class Eigen:
 
 
 def as_kernel_matrix(K: Any, name: str = "K") -> torch.Tensor:
-    """Validate a square, finite, symmetric float64 kernel matrix."""
-    t = as_tensor(K, name, dtype=torch.float64)
-    if t.ndim != 2 or t.shape[0] != t.shape[1] or t.shape[0] == 0:
-        raise ValueError(f"{name} must be a non-empty square (N, N) matrix; got shape "
-                         f"{tuple(t.shape)}.")
-    check_finite(t, name)
-    scale = float(t.abs().max())
-    asym = float((t - t.T).abs().max())
-    if asym > 1e-10 * max(scale, 1e-300):
-        raise ValueError(f"{name} is not symmetric (max |K − Kᵀ| = {asym:.3g}, max |K| = "
-                         f"{scale:.3g}); kernel matrices must be symmetric.")
-    return t
+    """``K`` as a non-empty, finite float64 ``(N, N)`` matrix, symmetric to ntkit's one
+    tolerance (:func:`ntkit._validation.symmetry_tolerance`) and then made exactly
+    symmetric, so that every eigensolver sees the same matrix whichever triangle it reads."""
+    return as_square_kernel(K, name, dtype=torch.float64)
 
 
 def _pick(n: int, k: int | None, method: str) -> str:

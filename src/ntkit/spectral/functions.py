@@ -1,4 +1,11 @@
-"""Kernel principal components as functions (Nyström), and projections onto them.
+"""Kernel principal components as functions: what :mod:`ntkit.spectral` offers beyond the
+eigenpairs of a matrix (:mod:`.eigen`) and the Hermite expansion of an activation
+(:mod:`.hermite`).
+
+This module holds :func:`eigenfunctions` (the top-``k`` Nyström eigenfunctions of ``Π = K/N``
+on a training set, for a network's analytic kernel or any ``kernel_fn``), the
+:class:`Eigenfunctions` it returns (evaluable at new inputs), and :func:`project` (a function
+on the training set split into its part along one eigenvector and the rest, JGH §V.3).
 
 With ``Π = K/N`` on the training set and its eigenpairs ``(λ_i, v_i)`` (unit vectors), the
 eigenfunctions of the integral operator ``f ↦ (1/N) Σ_j K(·, x_j) f(x_j)`` are
@@ -17,16 +24,16 @@ from typing import Any
 
 import torch
 
-from .._validation import as_inputs, as_tensor, check_choice, check_positive_int
+from .._validation import UNSET, as_inputs, as_tensor, check_get_renamed, check_positive_int
 from .eigen import Eigen, eigen
 
 
-def _kernel_callable(net_or_kernel_fn: Any, kernel: str) -> Callable:
+def _kernel_callable(net_or_kernel_fn: Any, get: str) -> Callable:
     from ..layers.base import Layer
 
     if isinstance(net_or_kernel_fn, Layer):
         net = net_or_kernel_fn
-        return lambda a, b: net.kernel(a, b, get=kernel)[kernel]
+        return lambda a, b: net.kernel(a, b, get=get)[get]
     if callable(net_or_kernel_fn):
         return net_or_kernel_fn
     raise ValueError("net_or_kernel_fn must be an ntkit network or a callable "
@@ -71,8 +78,9 @@ class Eigenfunctions:
         return lambda x: self(x)[:, i]
 
 
-def eigenfunctions(net_or_kernel_fn: Any, x_train: Any, k: int, *, kernel: str = "ntk",
-                   centered: bool = False, method: str = "auto") -> Eigenfunctions:
+def eigenfunctions(net_or_kernel_fn: Any, x_train: Any, k: int, *, get: str = "ntk",
+                   centered: bool = False, method: str = "auto",
+                   kernel: str = UNSET) -> Eigenfunctions:
     """The top-``k`` eigenfunctions of Π = K/N on ``x_train`` (JGH §IV.2), by Nyström.
 
     Args:
@@ -80,13 +88,14 @@ def eigenfunctions(net_or_kernel_fn: Any, x_train: Any, k: int, *, kernel: str =
             ``kernel_fn(x1, x2) -> (N1, N2)``.
         x_train: ``(N, d)`` training inputs.
         k: number of eigenfunctions.
-        kernel: ``"ntk"`` or ``"nngp"`` for a network.
+        get: ``"ntk"`` or ``"nngp"`` for a network (as in ``net.kernel(..., get=)``).
         centered: if True, use the centred kernel ``H K H`` (H = I − 11ᵀ/N), i.e. kernel PCA
             of centred features; JGH's are non-centred (the default).
         method: passed to :func:`ntkit.spectral.eigen`.
+        kernel: deprecated former name of ``get`` (a ``DeprecationWarning``).
     """
-    check_choice(kernel, "kernel", ("ntk", "nngp"))
-    kernel_fn = _kernel_callable(net_or_kernel_fn, kernel)
+    get = check_get_renamed(get, kernel, old="kernel", where="ntkit.spectral.eigenfunctions")
+    kernel_fn = _kernel_callable(net_or_kernel_fn, get)
     x = as_inputs(x_train, "x_train")
     k = check_positive_int(k, "k")
     K = torch.as_tensor(kernel_fn(x, x), dtype=x.dtype)
