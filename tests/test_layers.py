@@ -347,14 +347,14 @@ def test_layers_never_import_the_rest_of_ntkit():
            for m, targets in graph.items() if m.startswith("ntkit.layers")}
     assert not {m: t for m, t in bad.items() if t}
     assert "ntkit.layers.evaluate" in graph["ntkit.layers.base"]
-    assert graph["ntkit.kernels.analytic"] == {"ntkit.layers.evaluate"}
+    assert "ntkit.layers.evaluate" in graph["ntkit.kernels.analytic"]
 
 
-def test_no_import_cycles_between_layers_modules():
-    """Within layers/, modules import strictly downwards (a package's ``__init__`` is not
-    counted as imported by its own submodules: Python runs it first in any case)."""
-    graph = {m: {t for t in ts if t.startswith("ntkit.layers")}
-             for m, ts in _graph().items() if m.startswith("ntkit.layers")}
+def test_no_import_cycles_in_ntkit():
+    """Modules import strictly downwards, at module level and inside functions (a package's
+    ``__init__`` is not counted as imported by its own submodules: Python runs it first in
+    any case)."""
+    graph = _graph()
     state: dict[str, int] = {}
     cycle: list[str] = []
 
