@@ -195,7 +195,10 @@ class _InfiniteNetworkBase(BaseEstimator):
                                        diag_reg=self.ridge_, absolute=True,
                                        pseudo_inverse=True)
             del K
-            self._coef = self._flow.dual_coefficients(self._t)  # f_t(x) = k(x, X) @ coef
+            # f_t(x) = k(x, X) @ coef, from f ≡ 0; t was checked by _check_params.
+            times = torch.tensor([self._t], dtype=torch.float64)
+            self._flow.check_times(times)
+            self._coef = self._flow.alpha(times, torch.zeros_like(Yt))[0]
         except ValueError as err:  # an overflowing or indefinite train kernel
             raise ValueError(f"{err} {_input_scale_hint(X)}") from err
 
