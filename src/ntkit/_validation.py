@@ -140,6 +140,25 @@ def as_input_pair(x1: Tensorish, x2: Tensorish | None, *, dtype: torch.dtype | N
     return t1, t2
 
 
+def as_targets(y: Tensorish, name: str, n: int, *, dtype: torch.dtype,
+               device: torch.device | str | None = None) -> tuple[torch.Tensor, bool]:
+    """Finite ``(N, O)`` regression targets for ``n`` training points, and whether they were
+    a 1-D ``(N,)`` vector (one output; callers squeeze their results back)."""
+    if y is None:
+        raise ValueError(f"{name} is None; expected targets of shape (N, n_out) or (N,).")
+    t = as_tensor(y, name, dtype=dtype, device=device)
+    squeeze = t.ndim == 1
+    if squeeze:
+        t = t[:, None]
+    if t.ndim != 2 or t.shape[0] != n:
+        raise ValueError(f"{name} must have shape ({n}, n_out) or ({n},) to match the "
+                         f"{n} training points of the kernel; got {tuple(t.shape)}.")
+    if t.shape[1] == 0:
+        raise ValueError(f"{name} has no output columns.")
+    check_finite(t, name)
+    return t, squeeze
+
+
 def check_nonnegative(value: Any, name: str) -> float:
     try:
         v = float(value)

@@ -14,8 +14,9 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from .._validation import (Tensorish, as_tensor, check_choice, check_finite_kernel,
-                           check_learning_rate, check_nonnegative, regularize)
+from .._validation import (Tensorish, as_targets, as_tensor, check_choice, check_finite,
+                           check_finite_kernel, check_learning_rate, check_nonnegative,
+                           regularize)
 
 COSTS = ("jgh", "nt")
 
@@ -44,24 +45,6 @@ def as_kernel_block(k: Tensorish, name: str, shapes: tuple[tuple[int, ...], ...]
 
 
 # ----------------------------------------------------------------------- outputs, times
-def as_targets(y: Tensorish, name: str, n: int, like: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """``(N, O)`` targets; a 1-D ``(N,)`` vector is one output (results are squeezed back)."""
-    if y is None:
-        raise ValueError(f"{name} is None; expected targets of shape (N, n_out) or (N,).")
-    t = as_tensor(y, name, dtype=like.dtype, device=like.device)
-    squeeze = t.ndim == 1
-    if squeeze:
-        t = t[:, None]
-    if t.ndim != 2 or t.shape[0] != n:
-        raise ValueError(f"{name} must have shape ({n}, n_out) or ({n},) to match the "
-                         f"{n} training points of the kernel; got {tuple(t.shape)}.")
-    if t.shape[1] == 0:
-        raise ValueError(f"{name} has no output columns.")
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains NaN or infinite values.")
-    return t, squeeze
-
-
 def as_initial(f0: Tensorish | None, name: str, shape: tuple[int, int],
                like: torch.Tensor) -> torch.Tensor:
     """Initial outputs; ``None`` means 0 (the mean of the infinite-width prior)."""
@@ -73,8 +56,7 @@ def as_initial(f0: Tensorish | None, name: str, shape: tuple[int, int],
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {shape} (rows × outputs); got "
                          f"{tuple(t.shape)}.")
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains NaN or infinite values.")
+    check_finite(t, name)
     return t
 
 
@@ -164,7 +146,7 @@ class Training(NamedTuple):
 def prepare_training(k: torch.Tensor, y_train: Tensorish, *, learning_rate: float, cost: str,
                      diag_reg: float, absolute: bool) -> Training:
     """Validate the targets against a validated kernel ``k``, add the ridge and normalise."""
-    y, squeeze = as_targets(y_train, "y_train", k.shape[0], k)
+    y, squeeze = as_targets(y_train, "y_train", k.shape[0], dtype=k.dtype, device=k.device)
     return training(k, y, squeeze, learning_rate=learning_rate, cost=cost, diag_reg=diag_reg,
                     absolute=absolute)
 

@@ -7,8 +7,9 @@ from typing import NamedTuple
 
 import torch
 
-from .._validation import Tensorish, as_square_kernel, check_nonnegative, regularize
-from ._checks import as_cross_kernel, as_kernel_block, as_targets
+from .._validation import (Tensorish, as_square_kernel, as_targets, check_nonnegative,
+                           regularize)
+from ._checks import as_cross_kernel, as_kernel_block
 from ._spectral import eigh, require_invertible
 
 
@@ -37,7 +38,7 @@ def gp_inference(k_train_train: Tensorish, y_train: Tensorish, k_test_train: Ten
     """
     reg = check_nonnegative(diag_reg, "diag_reg")
     k = as_square_kernel(k_train_train, "k_train_train")
-    y, squeeze = as_targets(y_train, "y_train", k.shape[0], k)
+    y, squeeze = as_targets(y_train, "y_train", k.shape[0], dtype=k.dtype, device=k.device)
     k_tx = as_cross_kernel(k_test_train, "k_test_train", k.shape[0], k)
     k = regularize(k, reg, diag_reg_absolute_scale)
     evals, evecs = eigh(k)

@@ -28,9 +28,8 @@ import torch
 from .._validation import (
     as_inputs,
     as_square_kernel,
-    as_tensor,
+    as_targets,
     check_choice,
-    check_finite,
     check_get,
     check_nonnegative,
     check_positive_int,
@@ -326,18 +325,13 @@ def solve(net_or_operator: Layer | LinearKernelOperator | Any, X: Any, y: Any, *
         raise ValueError("net_or_operator must be an ntkit network, a kernel operator (with "
                          "matmul/diagonal/shape) or a dense (N, N) kernel matrix; got "
                          f"{type(net_or_operator).__name__}.")
-    n = op.shape[0]
-    yt = as_tensor(y, "y", dtype=op.dtype, device=op.device)
-    if yt.ndim not in (1, 2) or yt.shape[0] != n:
-        raise ValueError(f"y must have shape ({n},) or ({n}, k) to match the {n} training "
-                         f"points; got shape {tuple(yt.shape)}.")
-    check_finite(yt.reshape(n, -1), "y")
-    result = solve_validated(op, yt.reshape(n, -1), method=method,
+    Y, vec = as_targets(y, "y", op.shape[0], dtype=op.dtype, device=op.device)
+    result = solve_validated(op, Y, method=method,
                              preconditioner=preconditioner, diag_reg=diag_reg,
                              diag_reg_absolute_scale=diag_reg_absolute_scale, tol=tol,
                              max_iter=max_iter, n_landmarks=n_landmarks, seed=seed,
                              progress=progress, callback=callback)
-    if yt.ndim == 1:
+    if vec:
         result.coef = result.coef[:, 0]
     return result
 
