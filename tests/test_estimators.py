@@ -19,7 +19,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 
 import ntkit as nk
 from ntkit.estimators import NNGPRegressor, NTKClassifier, NTKRegressor
-from ntkit.estimators.kernel_machines import _project_to_simplex
+from ntkit.estimators.classifier import _project_to_simplex
 
 NET = nk.mlp(3, 512)  # what the estimators build by default
 
