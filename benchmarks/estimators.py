@@ -5,7 +5,7 @@ by a fixed permutation (seed 0). Every method sees the same split in the same ru
 
 * ``NTKClassifier()`` — depth-3 ReLU NTK (W_std=1, b_std=0.1), one-hot MSE, t = inf, no
   ridge: the plain analytic solve, no tuning.
-* ``NTKClassifier(kernel="nngp")`` — the NNGP of the same network.
+* ``NTKClassifier(get="nngp")`` — the NNGP of the same network.
 * ``NTKClassifier(t=…)`` — the NTK stopped early (one fixed time, no tuning).
 * ``SVC(rbf)`` and ``KernelRidge(rbf)`` (one-hot targets, argmax) — tuned on a held-out
   quarter of the training digits over a log grid of ``C``/``alpha`` and ``gamma`` (``gamma``
@@ -117,8 +117,8 @@ def one_split(X, y, n_train: int, n_test: int, seed: int) -> list[tuple]:
 
     run("NTKClassifier (NTK, depth 3 ReLU, t=inf)",
         lambda: (NTKClassifier().fit(Xtr, ytr), None, None))
-    run("NTKClassifier(kernel='nngp')",
-        lambda: (NTKClassifier(kernel="nngp").fit(Xtr, ytr), None, None))
+    run("NTKClassifier(get='nngp')",
+        lambda: (NTKClassifier(get="nngp").fit(Xtr, ytr), None, None))
     run("NTKClassifier(t=1000) (early stopping)",
         lambda: (NTKClassifier(t=1000.0).fit(Xtr, ytr), None, None))
     run("SVC(rbf), tuned",

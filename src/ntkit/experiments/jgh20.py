@@ -199,7 +199,7 @@ def _regression(cfg: Scale, seed: int, device: torch.device, progress: Callable)
     net = mlp(4, 1, "relu", W_STD, B_STD)
 
     def gaussian(kernel_source) -> dict:
-        pred = predict.ensemble(kernel_source, x_train, y_train, kernel="ntk",
+        pred = predict.ensemble(kernel_source, x_train, y_train, get="ntk",
                                 learning_rate=LEARNING_RATE)(math.inf, grid)
         mean = pred.mean[:, 0]
         std = pred.covariance.diagonal().clamp_min(0).sqrt()
