@@ -17,7 +17,7 @@ from .._validation import check_choice, check_nonnegative, check_positive_int
 from .activations import activation_from_name
 from .base import Layer
 from .dense import PARAMETERIZATIONS, Dense
-from .state import PairKernel, require_dense
+from .state import PairKernel, is_zero_mean, require_dense
 
 
 @dataclass(frozen=True, repr=False)
@@ -173,7 +173,8 @@ class FanInSum(Layer):
         return k[0].replace(
             cov=sum(ki.cov for ki in k), var1=sum(ki.var1 for ki in k),
             var2=sum(ki.var2 for ki in k),
-            ntk=None if ntks[0] is None else sum(ntks))
+            ntk=None if ntks[0] is None else sum(ntks),
+            mean1=_sum_means([ki.mean1 for ki in k]), mean2=_sum_means([ki.mean2 for ki in k]))
 
     def build(self, in_dim, generator, dtype, device):
         self.out_dim(in_dim)
@@ -183,19 +184,42 @@ class FanInSum(Layer):
         return "FanInSum()"
 
 
+def _sum_means(means: list) -> Any:
+    """The per-example mean of a sum of branches: the sum of theirs; unknown if any is,
+    and the exact-zero marker 0.0 if all are."""
+    if any(m is None for m in means):
+        return None
+    total = 0.0
+    for m in means:
+        if not is_zero_mean(m):
+            total = m if is_zero_mean(total) else total + m
+    return total
+
+
 @dataclass(frozen=True, repr=False)
 class LayerNorm(Layer):
-    """Normalise each example over its features: ``(z − mean z) / std z``.
+    """Normalise each example over its features: ``(h − mean h) / std h``.
 
-    In the infinite-width limit the mean vanishes and ``std z → sqrt(Σ(x, x))``, so the
-    kernel map divides both Σ(x, x') and Θ(x, x') by ``sqrt(Σ(x, x) Σ(x', x'))``. A row with
-    zero variance maps to zero. ``eps`` only guards the finite-width division.
+    Kernel map. At infinite width the incoming features ``h_i(x)`` have per-example mean
+    ``m(x)`` (tracked in the kernel state: 0 after Dense or an odd activation of it;
+    ``E[φ(u)]``, ``u ~ N(0, Σ(x, x))``, after an activation φ of a Dense layer; the row mean
+    for raw inputs), so with the uncentred covariance Σ (what the state holds)
 
-    Valid where the incoming features have mean zero across features at infinite width:
-    right after ``Dense`` (or an odd activation such as ``Erf``/``Tanh`` after it, or a sum
-    of such branches). After ReLU/GELU-like activations, or on raw inputs with a nonzero
-    feature mean, the finite network centres by a mean this map does not model (measured:
-    30-40 % off for Dense → ReLU → LayerNorm → Dense).
+        Σ_c(x, x') = Σ(x, x') − m(x) m(x'),
+        Σ_LN(x, x') = Σ_c(x, x') / sqrt(Σ_c(x, x) Σ_c(x', x')),
+        Θ_LN(x, x') = Θ(x, x') / sqrt(Σ_c(x, x) Σ_c(x', x')).
+
+    The NTK is not centred: the gradient of the feature mean, ``(1/n) Σ_i ∂h_i``, averages
+    the features' tangents, which are independent across features at infinite width, so its
+    norm is O(1/sqrt(n)) and the centring's effect on the tangent kernel vanishes (likewise
+    the variance's gradient). Only the normaliser changes. With a zero mean this is
+    neural-tangents' map; raw inputs have a zero NTK, which stays zero. A row whose centred
+    variance is zero (or below the rounding of ``Σ(x, x) − m(x)²``) maps to zero. ``eps``
+    only guards the finite-width division.
+
+    Raises ValueError when the incoming per-example mean is unknown (an activation applied
+    to raw inputs or to another activation, a user-defined activation without ``mean``, or
+    a user-defined layer that does not set the means): put a Dense layer before LayerNorm.
     """
 
     eps: float = 1e-12
@@ -211,20 +235,51 @@ class LayerNorm(Layer):
     def kernel_map(self, k):
         _single_branch(k)
         require_dense(k.layout, self)
-        norm = torch.sqrt(k.var1 * k.var2)
-        positive = norm > 0
+        if k.mean1 is None or k.mean2 is None:
+            raise ValueError(
+                f"{self!r}: the features entering it have a per-example mean (over features) "
+                "that ntkit cannot determine, and LayerNorm subtracts it, so its kernel would "
+                "be a guess. This happens after an activation applied to raw inputs or to "
+                "another activation, after a user-defined activation without a mean(var) "
+                "method, or after a user-defined layer whose kernel_map does not set mean1/"
+                "mean2 of the PairKernel. Remedy: put a Dense layer before LayerNorm (its "
+                "outputs have mean zero), or give the custom layer its means.")
+        positive = None
+        if k.means_are_zero:
+            cov, var1, var2 = k.cov, k.var1, k.var2
+        else:
+            # Centre: the subtraction uses the same operands for an entry with x = x' (cov =
+            # var1 = var2 and mean1 = mean2), so it stays exactly the row variance there.
+            cov = k.cov - k.mean1 * k.mean2
+            if k.variances_are_cov:
+                var1 = var2 = cov
+            else:
+                var1 = k.var1 - k.mean1 * k.mean1
+                var2 = k.var2 - k.mean2 * k.mean2
+            # A centred variance below the rounding of var − mean² is indistinguishable from
+            # zero: such a row is constant over its features, and maps to zero.
+            tol = 16 * torch.finfo(cov.dtype).eps
+            pos1 = var1 > tol * (k.var1 if not k.variances_are_cov else k.cov)
+            pos2 = var2 > tol * (k.var2 if not k.variances_are_cov else k.cov)
+            positive = pos1 & pos2
+            var1 = torch.where(pos1, var1, 0.0)
+            var2 = torch.where(pos2, var2, 0.0)
+        norm = torch.sqrt(var1 * var2)
+        if positive is None:
+            positive = norm > 0
         # Divide rather than multiply by 1/norm: sqrt(v·v) == v in IEEE arithmetic, so an
         # entry with cov = var1 = var2 (an example with itself) becomes exactly 1, as its
         # unit variance says; v·(1/v) may be 1 - ulp, which a following arccos (ReLU
         # family) turns into a ~1e-8 error and finite differences into noise. The inner
         # `where` keeps the gradient finite at zero-variance rows.
         safe = torch.where(positive, norm, torch.ones_like(norm))
-        cov = torch.where(positive, k.cov / safe, 0.0)
-        unit1 = (k.var1 > 0).to(k.cov.dtype)
-        unit2 = (k.var2 > 0).to(k.cov.dtype)
+        out = torch.where(positive, cov / safe, 0.0)
+        unit1 = (var1 > 0).to(k.cov.dtype)
+        unit2 = (var2 > 0).to(k.cov.dtype)
         ntk = None if k.ntk is None else torch.where(positive, k.ntk / safe, 0.0)
-        return k.replace(cov=cov, var1=cov if k.variances_are_cov else unit1,
-                         var2=cov if k.variances_are_cov else unit2, ntk=ntk)
+        return k.replace(cov=out, var1=out if k.variances_are_cov else unit1,
+                         var2=out if k.variances_are_cov else unit2, ntk=ntk,
+                         mean1=0.0, mean2=0.0)
 
     def build(self, in_dim, generator, dtype, device):
         return LayerNormModule(self.eps)

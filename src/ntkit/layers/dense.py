@@ -92,7 +92,10 @@ class Dense(Layer):
                        else cov + ntk * w2)
             else:
                 ntk = torch.add(ntk * w2, k.cov, alpha=k.width).add_(1.0)
-        return k.replace(cov=cov, var1=var1, var2=var2, ntk=ntk, width=self.features)
+        # Each output feature is a zero-mean combination of the inputs, independent across
+        # features, so the mean over infinitely many of them is exactly 0 for every example.
+        return k.replace(cov=cov, var1=var1, var2=var2, ntk=ntk, width=self.features,
+                         mean1=0.0, mean2=0.0)
 
     def build(self, in_dim, generator, dtype, device):
         self.out_dim(in_dim)  # rejects several branches

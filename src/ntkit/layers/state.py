@@ -35,6 +35,14 @@ Conventions (see DESIGN.md):
   0-d zero before the first layer, which broadcasts).
 * ``width`` is the declared feature (channel) count of the current representation; the
   standard parameterization's NTK needs it.
+* ``mean1``/``mean2`` are the per-example means over features of the current
+  representation at infinite width, ``m(x) = lim (1/n) sum_i h_i(x)``, shaped and broadcast
+  like ``var1``/``var2`` (in diagonal mode both are the ``(N,)`` means of the rows). Only
+  LayerNorm, which centres each example, needs them. Three kinds of value: the Python float
+  ``0.0`` (known to be exactly zero: after Dense, whose zero-mean weights and biases average
+  out over infinitely many features, or after LayerNorm), a tensor (raw inputs: the mean of
+  each row; an activation of zero-mean Gaussian pre-activations: ``E[phi(u)]``), or ``None``
+  (unknown: LayerNorm refuses it rather than guess).
 """
 
 from __future__ import annotations
@@ -56,7 +64,9 @@ class PairKernel:
 
     Fields: ``cov`` and ``ntk`` of shape ``B + S``; ``var1``/``var2`` broadcastable to it;
     ``width`` the feature count; ``diagonal`` whether ``B = (N,)`` holds the pairs (x, x);
-    ``layout`` one of :data:`LAYOUTS` (see the module docstring for the shapes).
+    ``layout`` one of :data:`LAYOUTS` (see the module docstring for the shapes);
+    ``mean1``/``mean2`` the per-example feature means (``0.0``, a tensor shaped like
+    ``var1``/``var2``, or ``None`` for unknown; see the module docstring).
     """
 
     cov: torch.Tensor
@@ -66,6 +76,8 @@ class PairKernel:
     width: int
     diagonal: bool = False
     layout: str = DENSE
+    mean1: torch.Tensor | float | None = None
+    mean2: torch.Tensor | float | None = None
 
     def __post_init__(self):
         if self.layout not in _SPATIAL_NDIM:
@@ -73,8 +85,21 @@ class PairKernel:
                              f"{self.layout!r}.")
 
     def replace(self, **changes: Any) -> "PairKernel":
-        """A copy with the given fields changed (the state is immutable)."""
+        """A copy with the given fields changed (the state is immutable).
+
+        The per-example means become unknown (``None``) unless ``mean1``/``mean2`` are
+        given: a kernel map that changes the kernels without saying what it does to the
+        means (a user-defined layer written before the means existed) must not leave stale
+        ones for a later LayerNorm to trust.
+        """
+        changes.setdefault("mean1", None)
+        changes.setdefault("mean2", None)
         return replace(self, **changes)
+
+    @property
+    def means_are_zero(self) -> bool:
+        """Whether both per-example means are known to be exactly zero (the float 0.0)."""
+        return is_zero_mean(self.mean1) and is_zero_mean(self.mean2)
 
     @property
     def spatial_shape(self) -> tuple[int, ...]:
@@ -87,6 +112,11 @@ class PairKernel:
         """Whether ``var1`` and ``var2`` are ``cov`` itself (diagonal mode, one entry per
         pixel): then a map of ``cov`` is also the map of the variances."""
         return self.diagonal and self.layout != PIXEL_PAIRS
+
+
+def is_zero_mean(mean: Any) -> bool:
+    """Whether a ``mean1``/``mean2`` value is the exact-zero marker (the float ``0.0``)."""
+    return isinstance(mean, float) and mean == 0.0
 
 
 KernelState = Any

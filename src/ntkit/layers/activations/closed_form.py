@@ -46,6 +46,9 @@ class Erf(Activation):
             dot = dot.clamp_(max=1.0).mul_(4 / math.pi)
         return nngp, dot
 
+    def mean(self, var):
+        return 0.0  # odd
+
 
 @dataclass(frozen=True, repr=False)
 class GELU(Activation):
@@ -76,6 +79,10 @@ class GELU(Activation):
         if need_dot:
             dot = 0.25 + angle / _TWO_PI + cov / (_TWO_PI * delta) * (1 / delta2 + (1 - p) / q + 1)
         return nngp, dot
+
+    def mean(self, var):
+        # Stein: E[u Φ(u)] = var E[Φ'(u)] = var / sqrt(2π (1 + var))
+        return var * torch.rsqrt(_TWO_PI * (1 + var))
 
 
 @dataclass(frozen=True, repr=False)
@@ -113,6 +120,13 @@ class Sin(Activation):
         nngp = scale * (plus - minus)
         dot = scale * b2 * (plus + minus) if need_dot else None
         return nngp, dot
+
+    def mean(self, var):
+        # E[sin(b u + c)] = sin(c) E[cos(b u)] = sin(c) e^{−b² var/2}
+        factor = self.a * math.sin(self.sine_phase)
+        if factor == 0.0:
+            return 0.0  # odd: a = 0 or a phase that is a multiple of π exactly
+        return torch.exp(var * (-0.5 * self.b ** 2)) * factor
 
     def __repr__(self):
         return f"{type(self).__name__}(a={self.a}, b={self.b}, c={self.c})"

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..._validation import check_positive_int
 from .protocol import Activation
-from .quadrature import estimate_error, hermite_dual, quadrature_dual
+from .quadrature import estimate_error, hermite_dual, quadrature_dual, quadrature_mean
 
 Function = Callable[[torch.Tensor], torch.Tensor]
 
@@ -117,6 +117,32 @@ class Elementwise(Activation):
             self._check_error(cov, var1, var2, nngp, dot)
         return nngp, dot
 
+    def mean(self, var):
+        """``E[φ(u)]``, u ~ N(0, var), by :func:`quadrature_mean` (the dual's rule family).
+
+        For a user-supplied ``fn`` the rule is repeated with every step halved, and a
+        warning gives the difference when it exceeds the dtype's tolerance (relative to
+        ``sqrt(E[φ²])``, the scale LayerNorm compares the mean with).
+        """
+        mean = quadrature_mean(self._values, self.smoothness, var, self.degree)
+        if not self._certified and self.degree is None:
+            with torch.no_grad():
+                finer = quadrature_mean(self._values, self.smoothness, var.detach(), finer=2)
+                square = quadrature_mean(lambda x, _: (self.function(x) ** 2, None),
+                                         self.smoothness, var.detach())
+                scale = torch.sqrt(square.abs()).clamp(min=torch.finfo(var.dtype).tiny)
+                err = float(((mean.detach() - finer).abs() / scale).max()) if var.numel() else 0.0
+            tol = 1e-8 if var.dtype == torch.float64 else 1e-4
+            if not err <= tol:
+                warnings.warn(
+                    f"{self!r}: the quadrature error of its mean E[φ(u)] (which LayerNorm "
+                    f"subtracts) is about {err:.1e} relative; the function is not smooth "
+                    "enough on the Gaussian's scale (a kink or jump, or fast oscillation). "
+                    "Use a closed-form layer where one exists, pass smoothness= smaller than "
+                    "the width of its transition, or rescale the inputs.",
+                    RuntimeWarning, stacklevel=4)
+        return mean
+
     def _check_error(self, cov, var1, var2, nngp, dot):
         """Warn when the estimated quadrature error exceeds the dtype's tolerance."""
         err, largest = estimate_error(self._values, self.smoothness, cov, var1, var2, nngp, dot)
@@ -193,6 +219,9 @@ class Tanh(_BuiltinSmooth):
         t = torch.tanh(x)
         return t, 1 - t * t
 
+    def mean(self, var):
+        return 0.0  # odd
+
 
 @dataclass(frozen=True, init=False, repr=False)
 class Sigmoid(_BuiltinSmooth):
@@ -204,6 +233,9 @@ class Sigmoid(_BuiltinSmooth):
     def _both(self, x):
         s = torch.sigmoid(x)
         return s, s * (1 - s)
+
+    def mean(self, var):
+        return torch.full_like(var, 0.5)  # σ(x) − 1/2 is odd
 
 
 @dataclass(frozen=True, init=False, repr=False)

@@ -11,7 +11,8 @@ from .protocol import Activation
 
 @dataclass(frozen=True, repr=False)
 class Identity(Activation):
-    """``φ(x) = x``: dual ``nngp = cov``, ``dot = 1``; the kernel state passes unchanged.
+    """``φ(x) = x``: dual ``nngp = cov``, ``dot = 1``; the kernel state (per-example means
+    included) passes unchanged.
 
     Unlike other activations it also passes a tuple of branch states (after ``FanOut``)
     through untouched, since it changes nothing.
@@ -30,6 +31,9 @@ class Identity(Activation):
 
     def variance(self, var):
         return var
+
+    def mean(self, var):
+        return 0.0
 
     def kernel_map(self, k):
         return k

@@ -91,8 +91,15 @@ class Activation(Layer):
                              "FanInSum() before an activation.")
         nngp, dot = self.dual(k.cov, k.var1, k.var2, need_dot=k.ntk is not None)
         ntk = None if k.ntk is None else k.ntk * dot
+        # The feature means E[φ(u)] follow from the duals' own assumption, centred Gaussian
+        # pre-activations; a nonzero or unknown incoming mean (raw inputs, another
+        # activation) breaks it, and then the outgoing mean is unknown as well. O(N) work.
+        centred = k.means_are_zero
         if k.variances_are_cov:
-            return k.replace(cov=nngp, var1=nngp, var2=nngp, ntk=ntk)
+            mean = self.mean(k.cov) if centred else None
+            return k.replace(cov=nngp, var1=nngp, var2=nngp, ntk=ntk, mean1=mean, mean2=mean)
+        mean1 = self.mean(k.var1) if centred else None
+        mean2 = self.mean(k.var2) if centred else None
         var1 = self.variance(k.var1)
         var2 = self.variance(k.var2)
         if self.uses_quadrature:
@@ -105,7 +112,7 @@ class Activation(Layer):
             same = (k.cov == k.var1) & (k.var1 == k.var2)
             if bool(same.any()):
                 nngp = torch.where(same, var1.expand_as(nngp), nngp)
-        return k.replace(cov=nngp, var1=var1, var2=var2, ntk=ntk)
+        return k.replace(cov=nngp, var1=var1, var2=var2, ntk=ntk, mean1=mean1, mean2=mean2)
 
     @property
     def uses_quadrature(self) -> bool:
@@ -122,6 +129,16 @@ class Activation(Layer):
         next layer's correlation must come out exactly 1 there.
         """
         return self.dual(var, var, var, need_dot=False)[0]
+
+    def mean(self, var: torch.Tensor) -> torch.Tensor | float | None:
+        """``E[φ(u)]`` for ``u ~ N(0, var)``, elementwise in ``var`` (any shape).
+
+        LayerNorm needs it to centre the features this activation produces. Returns a
+        tensor of ``var``'s shape, the float ``0.0`` when φ is odd (the mean is exactly 0),
+        or ``None`` when unknown: the default, so that a user-defined activation without it
+        makes a following LayerNorm refuse instead of assuming a zero mean.
+        """
+        return None
 
     def build(self, in_dim, generator, dtype, device):
         return ActivationModule(self)

@@ -23,8 +23,8 @@ Entries are bucketed by (outer rule, inner rule) so a single huge row does not m
 whole tile pay for the fine rule.
 
 Public entry points: :func:`quadrature_dual` (the adaptive rule), :func:`hermite_dual`
-(the fixed ``degree x degree`` Gauss–Hermite rule) and :func:`estimate_error` (the same
-entries with every step halved). Each takes ``values(x, need_dot) -> (φ(x), φ'(x) | None)``.
+(the fixed ``degree x degree`` Gauss–Hermite rule), :func:`estimate_error` (the same
+entries with every step halved) and :func:`quadrature_mean` (the 1-D mean ``E[φ(u)]``). Each takes ``values(x, need_dot) -> (φ(x), φ'(x) | None)``.
 """
 
 from __future__ import annotations
@@ -214,6 +214,51 @@ def _nested(values, code_out, code_in, s1, s2, rho, sigma, d_out, d_in, need_dot
     dot = (wo * df_u * e_d).sum(-1) if need_dot else None
     return nngp, dot
 
+
+
+def quadrature_mean(values: Values, feature: float, var: torch.Tensor,
+                    degree: int | None = None, finer: int = 1) -> torch.Tensor:
+    """``E[φ(u)]`` for ``u ~ N(0, var)``, elementwise in ``var`` (any shape).
+
+    The one-dimensional version of :func:`quadrature_dual`'s outer rule: per entry, the
+    trapezoid or graded Gauss–Legendre panels chosen from ``feature / sqrt(var)`` (the
+    singularity's distance in units of z), ``finer`` levels finer than the dual uses (one
+    by default: this costs O(N) per tile, not O(N²); one more halves every step again, for
+    an error estimate). ``degree`` selects the fixed Gauss–Hermite rule instead
+    (as ``Elementwise(degree=...)`` does for its dual). Non-finite variances, and scales
+    beyond the graded rule's reach, give NaN. Differentiable in ``var``.
+    """
+    shape = var.shape
+    flat = var.reshape(-1)
+    s = torch.sqrt(flat)
+    if degree is not None:
+        nodes_np, weights_np = _gauss_hermite(degree)
+        f, _ = values(s.unsqueeze(-1) * _tensor(nodes_np, flat), False)
+        return (f @ _tensor(weights_np, flat)).reshape(shape)
+    with torch.no_grad():
+        delta = 0.5 ** finer * feature / s
+        code = _rule_code(delta) + finer
+        ok = torch.isfinite(flat) & (code < _T_LEVELS + _MAX_GRADED)
+        key = torch.where(ok, code, torch.full_like(code, -1))
+        keys = torch.unique(key).tolist()
+    out = torch.full_like(flat, math.nan)
+    parts, where = [], []
+    for k in keys:
+        if k < 0:
+            continue
+        idx = (key == k).nonzero().squeeze(-1)
+        if k < _T_LEVELS:
+            z, w = _trapezoid(k, flat)
+            f, _ = values(s[idx].unsqueeze(-1) * z, False)
+            parts.append(f @ w)
+        else:
+            z, w = _panels(torch.zeros_like(s[idx]).detach(), delta[idx], k - _T_LEVELS)
+            f, _ = values(s[idx].unsqueeze(-1) * z, False)
+            parts.append((f * w).sum(-1))
+        where.append(idx)
+    if parts:
+        out = out.index_put((torch.cat(where),), torch.cat(parts))
+    return out.reshape(shape)
 
 
 def hermite_dual(values: Values, degree: int, cov: torch.Tensor, var1: torch.Tensor,

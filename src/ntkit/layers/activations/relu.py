@@ -84,6 +84,12 @@ class ABReLU(Activation):
     def variance(self, var):
         return var * ((self.a * self.a + self.b * self.b) / 2)
 
+    def mean(self, var):
+        # E[max(u, 0)] = sqrt(var/(2π)) = −E[min(u, 0)]
+        if self.a == self.b:
+            return 0.0  # a·x: odd
+        return torch.sqrt(var) * ((self.b - self.a) / math.sqrt(_TWO_PI))
+
     def __repr__(self):
         return f"ABReLU(a={self.a}, b={self.b})"
 
