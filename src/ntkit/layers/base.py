@@ -13,6 +13,16 @@ parameters, with equality, hashing and ``repr`` over them. A layer knows
 A user-defined layer subclasses :class:`Layer` and implements ``kernel_map`` (and ``build``
 and ``out_dim`` for the finite network); a composite that holds its sublayers as attributes
 answers ``uses_quadrature`` from them without further code.
+
+Gaussian pre-activations. Activations' kernel maps assume their input is a centred Gaussian
+process at infinite width; the state says whether it is (``PairKernel.gaussian``: raw
+inputs no, Dense yes, LayerNorm and affine activations keep it, FanInSum of Gaussians yes,
+a non-affine activation no) and an activation refuses a non-Gaussian one with a ValueError
+naming its position. A user-defined layer's ``kernel_map`` may say it through
+``k.replace(..., gaussian=True)`` (its output is Gaussian, e.g. a random linear map with
+fresh weights) or ``gaussian=False``; one that says nothing leaves it unknown, and the
+activations after it are applied unchecked, as they were before ntkit tracked it (refusing
+would break working custom layers, and assuming "preserved" would refuse a custom Dense).
 """
 
 from __future__ import annotations

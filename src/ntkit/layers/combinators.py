@@ -17,7 +17,8 @@ from .._validation import check_choice, check_nonnegative, check_positive_int
 from .activations import activation_from_name
 from .base import Layer
 from .dense import PARAMETERIZATIONS, Dense
-from .state import PairKernel, is_zero_mean, require_dense
+from .state import (NonGaussianInputError, PairKernel, all_gaussian, is_zero_mean,
+                    require_dense)
 
 
 @dataclass(frozen=True, repr=False)
@@ -47,8 +48,11 @@ class Serial(Layer):
         return layout
 
     def kernel_map(self, k):
-        for layer in self.layers:
-            k = layer.kernel_map(k)
+        for i, layer in enumerate(self.layers):
+            try:
+                k = layer.kernel_map(k)
+            except NonGaussianInputError as error:
+                raise error.at(f"layer {i}") from None
         return k
 
     def build(self, in_dim, generator, dtype, device):
@@ -127,7 +131,13 @@ class Parallel(Layer):
 
     def kernel_map(self, k):
         self._check(k)
-        return tuple(b.kernel_map(ki) for b, ki in zip(self.branches, k))
+        out = []
+        for i, (branch, ki) in enumerate(zip(self.branches, k)):
+            try:
+                out.append(branch.kernel_map(ki))
+            except NonGaussianInputError as error:
+                raise error.at(f"branch {i}") from None
+        return tuple(out)
 
     def build(self, in_dim, generator, dtype, device):
         self.out_dim(in_dim)
@@ -145,7 +155,11 @@ def parallel(*branches: Layer) -> Parallel:
 
 @dataclass(frozen=True, repr=False)
 class FanInSum(Layer):
-    """Sum the branches. Independent Gaussian branches add their kernels."""
+    """Sum the branches. Independent Gaussian branches add their kernels.
+
+    The sum is Gaussian at infinite width iff every branch is (``PairKernel.gaussian``);
+    an activation after a sum with a non-Gaussian branch (``relu(z) + z``) is refused.
+    """
 
     def out_dim(self, in_dim):
         if not isinstance(in_dim, tuple):
@@ -174,7 +188,8 @@ class FanInSum(Layer):
             cov=sum(ki.cov for ki in k), var1=sum(ki.var1 for ki in k),
             var2=sum(ki.var2 for ki in k),
             ntk=None if ntks[0] is None else sum(ntks),
-            mean1=_sum_means([ki.mean1 for ki in k]), mean2=_sum_means([ki.mean2 for ki in k]))
+            mean1=_sum_means([ki.mean1 for ki in k]), mean2=_sum_means([ki.mean2 for ki in k]),
+            gaussian=all_gaussian(ki.gaussian for ki in k))
 
     def build(self, in_dim, generator, dtype, device):
         self.out_dim(in_dim)
@@ -217,9 +232,14 @@ class LayerNorm(Layer):
     variance is zero (or below the rounding of ``Σ(x, x) − m(x)²``) maps to zero. ``eps``
     only guards the finite-width division.
 
-    Raises ValueError when the incoming per-example mean is unknown (an activation applied
-    to raw inputs or to another activation, a user-defined activation without ``mean``, or
-    a user-defined layer that does not set the means): put a Dense layer before LayerNorm.
+    Gaussianity (``PairKernel.gaussian``) is preserved: the centring and the normaliser are
+    deterministic at infinite width, so LayerNorm of a Dense output is Gaussian and may feed
+    an activation, while LayerNorm of raw inputs or of an activation's output is not.
+
+    Raises ValueError when the incoming per-example mean is unknown (a user-defined
+    activation without ``mean``, or a user-defined layer that does not set the means, or an
+    activation after one): put a Dense layer before LayerNorm. (An activation applied to raw
+    inputs or to another activation is refused before, by the activation itself.)
     """
 
     eps: float = 1e-12
@@ -239,11 +259,11 @@ class LayerNorm(Layer):
             raise ValueError(
                 f"{self!r}: the features entering it have a per-example mean (over features) "
                 "that ntkit cannot determine, and LayerNorm subtracts it, so its kernel would "
-                "be a guess. This happens after an activation applied to raw inputs or to "
-                "another activation, after a user-defined activation without a mean(var) "
-                "method, or after a user-defined layer whose kernel_map does not set mean1/"
-                "mean2 of the PairKernel. Remedy: put a Dense layer before LayerNorm (its "
-                "outputs have mean zero), or give the custom layer its means.")
+                "be a guess. This happens after a user-defined activation without a "
+                "mean(var) method, or after a user-defined layer whose kernel_map does not "
+                "set mean1/mean2 of the PairKernel (or an activation following it). "
+                "Remedy: put a Dense layer before LayerNorm (its outputs have mean zero), "
+                "or give the custom layer its means.")
         positive = None
         if k.means_are_zero:
             cov, var1, var2 = k.cov, k.var1, k.var2
@@ -279,7 +299,7 @@ class LayerNorm(Layer):
         ntk = None if k.ntk is None else torch.where(positive, k.ntk / safe, 0.0)
         return k.replace(cov=out, var1=out if k.variances_are_cov else unit1,
                          var2=out if k.variances_are_cov else unit2, ntk=ntk,
-                         mean1=0.0, mean2=0.0)
+                         mean1=0.0, mean2=0.0, gaussian=k.gaussian)
 
     def build(self, in_dim, generator, dtype, device):
         return LayerNormModule(self.eps)

@@ -35,7 +35,8 @@ class Dense(Layer):
 
     A frozen value with fields ``features`` (the constructor's ``out_dim``; the name
     ``out_dim`` is the layer protocol's method), ``W_std``, ``b_std`` and
-    ``parameterization``. Its kernel map needs the ``"dense"`` kernel layout. A tensor
+    ``parameterization``. Its kernel map needs the ``"dense"`` kernel layout; its output is
+    Gaussian at infinite width whatever its input (``PairKernel.gaussian = True``). A tensor
     scale is a trainable parameter whose value changes, so it counts by identity in ``==``
     and ``hash`` (numbers by value).
     """
@@ -94,8 +95,11 @@ class Dense(Layer):
                 ntk = torch.add(ntk * w2, k.cov, alpha=k.width).add_(1.0)
         # Each output feature is a zero-mean combination of the inputs, independent across
         # features, so the mean over infinitely many of them is exactly 0 for every example.
+        # Given its input, each output is a Gaussian (the weights are), jointly over inputs
+        # with a covariance that converges to a deterministic limit: a Gaussian process at
+        # infinite width, whatever the input was.
         return k.replace(cov=cov, var1=var1, var2=var2, ntk=ntk, width=self.features,
-                         mean1=0.0, mean2=0.0)
+                         mean1=0.0, mean2=0.0, gaussian=True)
 
     def build(self, in_dim, generator, dtype, device):
         self.out_dim(in_dim)  # rejects several branches

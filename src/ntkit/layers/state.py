@@ -43,6 +43,17 @@ Conventions (see DESIGN.md):
   out over infinitely many features, or after LayerNorm), a tensor (raw inputs: the mean of
   each row; an activation of zero-mean Gaussian pre-activations: ``E[phi(u)]``), or ``None``
   (unknown: LayerNorm refuses it rather than guess).
+* ``gaussian`` says whether the current representation is, at infinite width, a centred
+  Gaussian process over the inputs, which is what an activation's dual
+  ``E[phi(u) phi(v)]`` assumes of its pre-activations. ``True``: the output of a Dense
+  layer (whatever its input: a sum over infinitely many independent weights, CLT), and what
+  keeps that property (LayerNorm, which divides by deterministic infinite-width quantities;
+  an affine activation; FanInSum of such branches). ``False``: the raw inputs
+  (deterministic), the output of a non-affine activation, and anything computed from those
+  without a Dense layer. ``None``: unknown (a state built by hand, or after a user-defined
+  layer that does not say): activations then apply their duals unchecked, as before the
+  flag existed. An activation refuses a ``False`` state (see
+  :class:`NonGaussianInputError`).
 """
 
 from __future__ import annotations
@@ -66,7 +77,9 @@ class PairKernel:
     ``width`` the feature count; ``diagonal`` whether ``B = (N,)`` holds the pairs (x, x);
     ``layout`` one of :data:`LAYOUTS` (see the module docstring for the shapes);
     ``mean1``/``mean2`` the per-example feature means (``0.0``, a tensor shaped like
-    ``var1``/``var2``, or ``None`` for unknown; see the module docstring).
+    ``var1``/``var2``, or ``None`` for unknown; see the module docstring); ``gaussian``
+    whether the representation is a Gaussian process at infinite width (``True``/``False``,
+    or ``None`` for unknown; see the module docstring).
     """
 
     cov: torch.Tensor
@@ -78,6 +91,7 @@ class PairKernel:
     layout: str = DENSE
     mean1: torch.Tensor | float | None = None
     mean2: torch.Tensor | float | None = None
+    gaussian: bool | None = None
 
     def __post_init__(self):
         if self.layout not in _SPATIAL_NDIM:
@@ -90,10 +104,12 @@ class PairKernel:
         The per-example means become unknown (``None``) unless ``mean1``/``mean2`` are
         given: a kernel map that changes the kernels without saying what it does to the
         means (a user-defined layer written before the means existed) must not leave stale
-        ones for a later LayerNorm to trust.
+        ones for a later LayerNorm to trust. For the same reason ``gaussian`` becomes unknown
+        (``None``: activations after such a layer are not checked) unless given.
         """
         changes.setdefault("mean1", None)
         changes.setdefault("mean2", None)
+        changes.setdefault("gaussian", None)
         return replace(self, **changes)
 
     @property
@@ -121,6 +137,44 @@ def is_zero_mean(mean: Any) -> bool:
 
 KernelState = Any
 """A :class:`PairKernel`, or a tuple of states (one per branch) after ``FanOut``."""
+
+
+def all_gaussian(flags: Any) -> bool | None:
+    """Whether a sum of independent branches with these ``gaussian`` flags is Gaussian:
+    ``False`` if any branch is not (a Gaussian plus an independent non-Gaussian term is not
+    Gaussian), ``True`` if all are, else unknown (``None``)."""
+    flags = list(flags)
+    if any(f is False for f in flags):
+        return False
+    if all(f is True for f in flags):
+        return True
+    return None
+
+
+class NonGaussianInputError(ValueError):
+    """An activation applied to a representation that is not Gaussian at infinite width.
+
+    Its dual (``E[phi(u) phi(v)]`` for a centred Gaussian pair) would then not be the limit
+    of the finite network, so ntkit refuses rather than return it. ``layer`` is the
+    activation, ``path`` where it sits (filled in by the enclosing ``serial``/``parallel``
+    as the error passes through them, outermost first).
+    """
+
+    def __init__(self, layer: object, path: tuple[str, ...] = ()):
+        self.layer, self.path = layer, tuple(path)
+        where = f" at {', '.join(self.path)} of the network" if self.path else ""
+        super().__init__(
+            f"{layer!r}{where} receives features that are not Gaussian at infinite width: "
+            "the raw inputs, the output of another (non-affine) activation, LayerNorm of "
+            "one, or a FanInSum with such a branch. Its analytic kernel would not be the limit of "
+            "the finite network. Remedy: put a Dense layer before it; activations' kernels "
+            "assume Gaussian pre-activations (infinite width). For a fixed feature map of "
+            "the raw inputs, apply it to the inputs first: net.kernel(act(x)) (ntkit "
+            "activations are callable on tensors).")
+
+    def at(self, step: str) -> "NonGaussianInputError":
+        """The same error, located one level further out (``step`` e.g. ``"layer 2"``)."""
+        return NonGaussianInputError(self.layer, (step,) + self.path)
 
 
 def require_dense(layout: Any, layer: object) -> None:

@@ -12,7 +12,7 @@ from .protocol import Activation
 @dataclass(frozen=True, repr=False)
 class Identity(Activation):
     """``φ(x) = x``: dual ``nngp = cov``, ``dot = 1``; the kernel state (per-example means
-    included) passes unchanged.
+    included, and whether it is Gaussian) passes unchanged, so it may follow anything.
 
     Unlike other activations it also passes a tuple of branch states (after ``FanOut``)
     through untouched, since it changes nothing.
@@ -34,6 +34,10 @@ class Identity(Activation):
 
     def mean(self, var):
         return 0.0
+
+    @property
+    def affine(self):
+        return True
 
     def kernel_map(self, k):
         return k

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..base import Layer
-from ..state import PairKernel
+from ..state import NonGaussianInputError, PairKernel
 
 
 def tracking(*tensors: torch.Tensor) -> bool:
@@ -64,6 +64,13 @@ class Activation(Layer):
 
     Subclasses are frozen dataclasses whose fields are their parameters. ``repr`` lists the
     fields that differ from their defaults (``Tanh()``, ``LeakyReLU(alpha=0.2)``).
+
+    The dual assumes centred Gaussian pre-activations, true at infinite width after a Dense
+    layer. ``kernel_map`` raises :class:`~ntkit.layers.state.NonGaussianInputError` (a
+    ValueError) for a state known not to be Gaussian (``PairKernel.gaussian is False``: raw
+    inputs, another activation's output) unless the activation is affine (``affine``),
+    whose dual holds for any distribution; an unknown state (``None``) is not checked. The
+    output is Gaussian only for an affine activation of a Gaussian.
     """
 
     def fn(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
@@ -89,6 +96,11 @@ class Activation(Layer):
         if not isinstance(k, PairKernel):
             raise ValueError(f"{self!r} received {len(k)} branches; combine them with "
                              "FanInSum() before an activation.")
+        affine = self.affine
+        if k.gaussian is False and not affine:
+            raise NonGaussianInputError(self)
+        # phi(u) for a non-affine phi is not Gaussian; a·u + c is whenever u is.
+        gaussian = k.gaussian if affine else False
         nngp, dot = self.dual(k.cov, k.var1, k.var2, need_dot=k.ntk is not None)
         ntk = None if k.ntk is None else k.ntk * dot
         # The feature means E[φ(u)] follow from the duals' own assumption, centred Gaussian
@@ -97,7 +109,8 @@ class Activation(Layer):
         centred = k.means_are_zero
         if k.variances_are_cov:
             mean = self.mean(k.cov) if centred else None
-            return k.replace(cov=nngp, var1=nngp, var2=nngp, ntk=ntk, mean1=mean, mean2=mean)
+            return k.replace(cov=nngp, var1=nngp, var2=nngp, ntk=ntk, mean1=mean, mean2=mean,
+                             gaussian=gaussian)
         mean1 = self.mean(k.var1) if centred else None
         mean2 = self.mean(k.var2) if centred else None
         var1 = self.variance(k.var1)
@@ -112,7 +125,16 @@ class Activation(Layer):
             same = (k.cov == k.var1) & (k.var1 == k.var2)
             if bool(same.any()):
                 nngp = torch.where(same, var1.expand_as(nngp), nngp)
-        return k.replace(cov=nngp, var1=var1, var2=var2, ntk=ntk, mean1=mean1, mean2=mean2)
+        return k.replace(cov=nngp, var1=var1, var2=var2, ntk=ntk, mean1=mean1, mean2=mean2,
+                         gaussian=gaussian)
+
+    @property
+    def affine(self) -> bool:
+        """Whether φ is affine (``a·x``): then its dual ``E[φ(u)φ(v)] = a²·E[uv]`` holds for
+        any input distribution, so the kernel map needs no Gaussian input and keeps a
+        Gaussian one Gaussian. False unless a subclass knows better (Identity; ABReLU with
+        ``a == b``); a user-defined activation that is affine may override it."""
+        return False
 
     @property
     def uses_quadrature(self) -> bool:

@@ -84,6 +84,11 @@ class ABReLU(Activation):
     def variance(self, var):
         return var * ((self.a * self.a + self.b * self.b) / 2)
 
+    @property
+    def affine(self):
+        # a == b is a·x: its dual a²·cov is exact for any input, Gaussian or not.
+        return self.a == self.b
+
     def mean(self, var):
         # E[max(u, 0)] = sqrt(var/(2π)) = −E[min(u, 0)]
         if self.a == self.b:
