@@ -28,6 +28,7 @@ from ntkit.scale import (
     kernel_matrix,
     solve,
 )
+from ntkit.layers import evaluate as evaluate_module
 from ntkit.scale import tiled as tiled_module
 
 NET = nk.mlp(3, 512)  # depth-3 ReLU, W_std=1, b_std=0.1
@@ -118,15 +119,16 @@ def test_zarr_output_matches_memory_and_uses_tile_chunks(tmp_path):
 
 
 def _counting_tiles(monkeypatch):
-    """Record every tile kernel_matrix computes (values untouched)."""
+    """Record every tile the evaluator computes (values untouched); with tile <= 256 a block
+    of kernel_matrix is one tile of the evaluator."""
     computed = []
-    original = tiled_module.kernel_tile
+    original = evaluate_module._compute_tile
 
-    def counting_tile(*args, **kwargs):
-        computed.append((args[3].start, args[4].start))
-        return original(*args, **kwargs)
+    def counting_tile(pair, rows, cols):
+        computed.append((rows.start, cols.start))
+        return original(pair, rows, cols)
 
-    monkeypatch.setattr(tiled_module, "kernel_tile", counting_tile)
+    monkeypatch.setattr(evaluate_module, "_compute_tile", counting_tile)
     return computed
 
 
@@ -159,10 +161,11 @@ def _scaled_tanh(t, a):
 def _fake_tiles(monkeypatch):
     """Cheap stand-in tiles (zeros) for tests about which store may be resumed: refusing
     depends on the fingerprint only, and a quadrature activation's real tile costs seconds."""
-    def fake_tile(net, X1, X2, rows, cols, get, symmetric):
-        return torch.zeros(rows.stop - rows.start, cols.stop - cols.start, dtype=X1.dtype)
+    def fake_tile(pair, rows, cols):
+        zeros = torch.zeros(rows.stop - rows.start, cols.stop - cols.start, dtype=pair.t1.dtype)
+        return {name: zeros for name in pair.names}
 
-    monkeypatch.setattr(tiled_module, "kernel_tile", fake_tile)
+    monkeypatch.setattr(evaluate_module, "_compute_tile", fake_tile)
 
 
 def _resume_refused(net_a, net_b, path, X):
@@ -402,19 +405,19 @@ _WORKER = textwrap.dedent("""
     import numpy as np
     import torch
     import ntkit as nk
-    from ntkit.scale import kernel_matrix, tiled
+    from ntkit.scale import kernel_matrix, store
 
     torch.set_num_threads(int(sys.argv[3]))  # the parent's count: same gemm, same bits
     kill_at = int(sys.argv[4])
     # Die at the kill_at-th tile marker: that tile's chunks are written, its marker is not.
-    original = tiled._write_marker
+    original = store._write_marker
     calls = []
     def write_marker_then_die(*args, **kwargs):
         calls.append(1)
         if len(calls) == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
         return original(*args, **kwargs)
-    tiled._write_marker = write_marker_then_die
+    store._write_marker = write_marker_then_die
     # Fingerprints seen by a fresh process, compared with the parent's.
     sys.path.insert(0, sys.argv[5])
     import useract
@@ -478,17 +481,33 @@ def test_killed_run_resumes_to_a_bit_identical_result(tmp_path, monkeypatch):
 
 def test_dense_request_beyond_memory_raises_before_allocating(monkeypatch):
     X = np.ones((200_000, 1))  # the kernel would need 298 GiB
-    monkeypatch.setattr(tiled_module, "available_memory", lambda device: 64 * 2**30)
+    monkeypatch.setattr(evaluate_module, "available_memory", lambda device: 64 * 2**30)
 
     def forbidden(*args, **kwargs):
         raise AssertionError("a tile was computed")
 
-    monkeypatch.setattr(tiled_module, "kernel_tile", forbidden)
+    monkeypatch.setattr(evaluate_module, "_compute_tile", forbidden)
     with pytest.raises(MemoryError) as info:
         kernel_matrix(NET, X, progress=False)
     message = str(info.value)
     assert "298.0 GiB" in message and "64.0 GiB" in message
     assert "out=" in message and "method='cg'" in message
+
+
+def test_an_overflowing_block_names_the_global_row_and_is_never_stored(tmp_path):
+    # Row 70 has a finite input Gram entry (1e300) but a self-kernel that overflows after
+    # three layers of W_std^2 = 900. It lies in block 2 of tile=32 (local row 6): the error
+    # must name the row of X1, not a row of the block.
+    X = _data(100, d=3)
+    X[70] = 1e150
+    net = nk.mlp(3, 512, W_std=30.0)
+    with pytest.raises(ValueError, match=r"not finite .* for rows \[70\] of X1\b"):
+        kernel_matrix(net, X, tile=32, progress=False)
+    path = tmp_path / "k.zarr"
+    with pytest.raises(ValueError, match=r"not finite .* for rows \[70\] of X1\b"):
+        kernel_matrix(net, X, tile=32, out=path, progress=False)
+    # Blocks are computed row by row; (0, 2) holds column 70: refused before it is stored.
+    assert sorted(p.name for p in (path / "ntkit_progress").iterdir()) == ["0_0", "0_1"]
 
 
 def test_kernel_matrix_rejects_bad_input():

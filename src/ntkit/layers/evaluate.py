@@ -10,19 +10,25 @@ The only O(N² d) work is the input Gram ``x1 x2ᵀ``; every layer after it is e
 the tile. Tiles are small enough to stay in cache, so the peak memory is the output plus a
 few tiles, never several ``N x N`` temporaries. With ``x2=None`` only the tiles on and
 above the diagonal are computed, and mirrored, so the result is exactly symmetric.
+
+:func:`evaluate` is the one tiler of the analytic kernels: it walks the schedule of
+:mod:`ntkit.layers.tiles` (blocks, the unit a sink stores; tiles, the unit computed) and
+hands finished tiles to a sink: in-memory tensors for ``net.kernel``, a resumable zarr
+store for ``ntkit.scale.kernel_matrix(out=PATH)``; a Dask block is one ``net.kernel`` call.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
 from .._validation import (_describe_rows, as_input_pair, available_memory, format_bytes,
                            resolve_dtype)
 from .state import DENSE, PairKernel
+from .tiles import Sink, TensorSink, block_schedule, progress_bar, tile_schedule
 
 if TYPE_CHECKING:
     from .base import Layer
@@ -56,11 +62,6 @@ def normalize_get(get: str | Sequence[str]) -> tuple[str, ...]:
     if not names or any(n not in KERNEL_NAMES for n in names):
         raise ValueError(f"get must be 'nngp', 'ntk' or a tuple of them; got {get!r}.")
     return names
-
-
-def _tiles(n: int, size: int) -> Iterator[slice]:
-    for start in range(0, n, size):
-        yield slice(start, min(start + size, n))
 
 
 def _tile_size(memory_budget: int | None, n_kernels: int, itemsize: int, heavy: bool) -> int:
@@ -149,13 +150,14 @@ def _not_finite(t: torch.Tensor) -> torch.Tensor:
 
 def _overflow_error(net: Layer, names: tuple[str, ...], dtype: torch.dtype,
                     inputs: Sequence[tuple[str, torch.Tensor]],
-                    results: dict[str, torch.Tensor] | None) -> ValueError:
+                    results: dict[str, torch.Tensor] | None, offset: int = 0) -> ValueError:
     """The error for a non-finite kernel, naming the rows that cause it.
 
     A kernel entry is bounded by its rows' self-kernels, so the rows to blame are those
     whose self-kernel ``k(x, x)`` is not finite: found in O(N d) by the diagonal mode. If no
     self-kernel overflows (an activation misbehaving off the diagonal), the rows holding
-    non-finite entries are named instead.
+    non-finite entries are named instead, from ``results``: the whole kernels, or one tile
+    whose first row is row ``offset`` of the first input.
     """
     parts: list[str] = []
     largest = 0.0
@@ -174,7 +176,8 @@ def _overflow_error(net: Layer, names: tuple[str, ...], dtype: torch.dtype,
         for name in names:
             bad = ~torch.isfinite(results[name])
             if bool(bad.any()):
-                parts.append(f"rows [{_describe_rows(bad.any(dim=1).nonzero().flatten().cpu())}]"
+                rows = bad.any(dim=1).nonzero().flatten().cpu() + offset
+                parts.append(f"rows [{_describe_rows(rows)}]"
                              f" of {inputs[0][0]} (entries off the diagonal)")
                 break
     where = " and ".join(parts) if parts else "some rows"
@@ -192,12 +195,27 @@ def _diagonal_kernels(net: Layer, t1: torch.Tensor, names: tuple[str, ...]) -> K
     """``k(x, x)`` for each row of ``t1``: ``(N,)`` kernels in O(N d)."""
     n0 = t1.shape[1]
     var = (t1 * t1).sum(dim=1) / n0
+    mean = t1.sum(dim=1) / n0  # per-row feature means: LayerNorm centres by them
     state = PairKernel(cov=var, var1=var, var2=var,
                        ntk=torch.zeros_like(var) if "ntk" in names else None, width=n0,
-                       diagonal=True)
+                       diagonal=True, mean1=mean, mean2=mean, gaussian=False)
     final = _final(net.kernel_map(state))
     return Kernels(nngp=final.cov if "nngp" in names else None,
                    ntk=final.ntk if "ntk" in names else None)
+
+
+def check_dense_fits(n1: int, n2: int, dtype: torch.dtype, device: torch.device,
+                     what: str = "kernel", count: int = 1) -> None:
+    """Raise ``MemoryError`` if ``count`` dense ``(n1, n2)`` arrays would not fit on
+    ``device``: checked before anything is allocated, naming the size and the remedies."""
+    need = n1 * n2 * (torch.finfo(dtype).bits // 8) * count
+    free = available_memory(device)
+    if need > 0.9 * free:
+        raise MemoryError(
+            f"The dense {n1} x {n2} {what} needs {format_bytes(need)} but only "
+            f"{format_bytes(free)} is available on {device}. Write it to disk tile by tile with "
+            "ntkit.scale.kernel_matrix(net, X, out=PATH), or solve without forming it with "
+            "ntkit.scale.solve(net, X, y, method='cg', preconditioner='nystrom').")
 
 
 def analytic_kernel(net: Layer, x1: Any, x2: Any | None = None,
@@ -206,8 +224,9 @@ def analytic_kernel(net: Layer, x1: Any, x2: Any | None = None,
                     out: dict[str, torch.Tensor] | None = None) -> Kernels:
     """Compute ``net``'s infinite-width kernels; see :meth:`ntkit.layers.base.Layer.kernel`.
 
-    ``out`` may supply preallocated ``(N1, N2)`` tensors by name (used by the out-of-core
-    paths); they are filled in place.
+    ``out`` may supply preallocated ``(N1, N2)`` tensors by name; they are filled in place
+    (a :class:`~ntkit.layers.tiles.TensorSink`). Other destinations (a zarr store, a Dask
+    block) call :func:`evaluate` with their own sink.
 
     A kernel that is not finite raises ``ValueError`` naming the rows of ``x1``/``x2`` whose
     self-kernels overflow. The result is differentiable with respect to inputs that require
@@ -218,8 +237,6 @@ def analytic_kernel(net: Layer, x1: Any, x2: Any | None = None,
     dtype = resolve_dtype(dtype)
     t1, t2 = as_input_pair(x1, x2, dtype=dtype)
     net.kernel_layout(DENSE)  # rows of features: refuse a network that cannot take them
-    n0 = t1.shape[1]
-    want_ntk = "ntk" in names
 
     if diagonal:
         if t2 is not None:
@@ -229,97 +246,131 @@ def analytic_kernel(net: Layer, x1: Any, x2: Any | None = None,
             raise _overflow_error(net, names, dtype, [("x1", t1)], None)
         return kernels
 
-    symmetric = t2 is None
-    t2 = t1 if symmetric else t2
-    n1, n2 = t1.shape[0], t2.shape[0]
-    itemsize = torch.finfo(dtype).bits // 8
-    need = n1 * n2 * itemsize * len(names)
-    results: dict[str, torch.Tensor] = {}
+    n1, n2 = t1.shape[0], (t1 if t2 is None else t2).shape[0]
     if out is None:
-        free = available_memory(t1.device)
-        if need > 0.9 * free:
-            raise MemoryError(
-                f"The dense {n1} x {n2} {'/'.join(names)} kernel needs {format_bytes(need)} "
-                f"but only {format_bytes(free)} is available on {t1.device}. Compute it out of "
-                "core with ntkit.scale.kernel_matrix(..., out=PATH), or solve without forming "
-                "it with ntkit.scale.solve(..., method='cg').")
+        check_dense_fits(n1, n2, dtype, t1.device, f"{'/'.join(names)} kernel", len(names))
     else:
         for name in names:
-            buf = out[name]
-            if tuple(buf.shape) != (n1, n2):
-                raise ValueError(f"out[{name!r}] has shape {tuple(buf.shape)}; need {(n1, n2)}.")
-            results[name] = buf
-
-    sq1 = torch.linalg.vecdot(t1, t1) / n0
-    sq2 = sq1 if symmetric else torch.linalg.vecdot(t2, t2) / n0
-    inputs = [("x1", t1)] if symmetric else [("x1", t1), ("x2", t2)]
-    # An input whose own Gram entry overflows has no usable kernel, even where a layer
-    # would turn inf into a finite number (LayerNorm: x.x'/sqrt(inf) = 0): refuse it here.
-    if bool(_not_finite(sq1) | _not_finite(sq2)):
-        raise _overflow_error(net, names, dtype, inputs, None)
-    ids1, ids2 = _shared_row_ids(t1, None if symmetric else t2)
-    size = _tile_size(memory_budget, len(names), itemsize, bool(net.uses_quadrature))
-    upper = _upper_mask(min(size, n1), t1.device) if symmetric else None
-    # The NTK of the raw input is 0; a 0-d tensor broadcasts without filling a tile.
-    zero = torch.zeros((), dtype=dtype, device=t1.device)
-    # One 0-d flag accumulated on the device: no host sync per tile.
-    not_finite = torch.zeros((), dtype=torch.bool, device=t1.device)
-    # With autograd tracking (inputs or hyperparameters that require grad) tiles are kept
-    # and concatenated: in-place writes into one buffer would make backward copy the whole
-    # kernel once per tile. Decided from the first tile, which sees every tracked input.
-    tracked: dict[str, dict[tuple[int, int], torch.Tensor]] | None = None
-    for rows in _tiles(n1, size):
-        for cols in _tiles(n2, size):
-            if symmetric and cols.start < rows.start:
-                continue
-            cov = (t1[rows] @ t2[cols].T).div_(n0)
-            if ids1 is not None:
-                same = ids1[rows, None] == ids2[None, cols]
-                cov = torch.where(same, sq1[rows, None].expand_as(cov), cov)
-            on_diagonal = symmetric and cols == rows
-            if on_diagonal:
-                # A Gram tile from gemm is symmetric only up to rounding, and its diagonal may
-                # differ from the row norms in the last bit (which arccos would amplify to
-                # ~1e-8 at rho = 1). Make both exact.
-                cov = _mirror_upper(cov, upper)
-                cov.diagonal().copy_(sq1[rows])
-            state = PairKernel(cov=cov, var1=sq1[rows, None], var2=sq2[None, cols],
-                               ntk=zero if want_ntk else None, width=n0)
-            final = _final(net.kernel_map(state))
-            for name in names:
-                tile = final.cov if name == "nngp" else final.ntk
-                if on_diagonal:
-                    tile = _mirror_upper(tile, upper)
-                not_finite |= _not_finite(tile)
-                if not results and tracked is None:  # the first tile decides
-                    if tile.requires_grad:
-                        tracked = {n: {} for n in names}
-                    else:
-                        for n in names:
-                            results[n] = torch.empty(n1, n2, dtype=dtype, device=t1.device)
-                if tracked is not None:
-                    tracked[name][rows.start, cols.start] = tile
-                    continue
-                target = results[name]
-                target[rows, cols] = tile
-                if symmetric and cols.start != rows.start:
-                    target[cols, rows] = tile.T
-    if tracked is not None:
-        for name, tiles in tracked.items():
-            results[name] = _assemble(tiles, n1, n2, size, symmetric)
-    if bool(not_finite):
-        raise _overflow_error(net, names, dtype, inputs, results)
+            if tuple(out[name].shape) != (n1, n2):
+                raise ValueError(f"out[{name!r}] has shape {tuple(out[name].shape)}; "
+                                 f"need {(n1, n2)}.")
+    sink = TensorSink(n1, n2, t2 is None, out)
+    evaluate(net, t1, t2, names, sink, memory_budget=memory_budget)
+    results = sink.results
     return Kernels(nngp=results.get("nngp"), ntk=results.get("ntk"))
 
 
-def _assemble(tiles: dict[tuple[int, int], torch.Tensor], n1: int, n2: int, size: int,
-              symmetric: bool) -> torch.Tensor:
-    """Join tiles keyed by their (row, column) starts into the ``(n1, n2)`` kernel; for a
-    symmetric kernel only the tiles on and above the diagonal are given."""
-    rows = []
-    for r in range(0, n1, size):
-        row = []
-        for c in range(0, n2, size):
-            row.append(tiles[r, c] if not symmetric or c >= r else tiles[c, r].T)
-        rows.append(torch.cat(row, dim=1))
-    return torch.cat(rows, dim=0)
+@dataclass
+class _Pair:
+    """One evaluation's validated inputs and what every tile reads from them."""
+
+    net: Layer
+    t1: torch.Tensor
+    t2: torch.Tensor  # t1 itself for a symmetric kernel
+    names: tuple[str, ...]
+    symmetric: bool
+    sq1: torch.Tensor  # (N1,) input Gram diagonal x.x / d
+    sq2: torch.Tensor
+    ids1: torch.Tensor | None  # equal ids mark equal rows (see _shared_row_ids)
+    ids2: torch.Tensor | None
+    upper: torch.Tensor | None  # upper-triangle mask of the largest tile (symmetric only)
+    zero: torch.Tensor  # the NTK of the raw input: 0-d, broadcast without filling a tile
+
+
+def evaluate(net: Layer, t1: torch.Tensor, t2: torch.Tensor | None, names: tuple[str, ...],
+             sink: Sink, *, block: int | None = None, memory_budget: int | None = None,
+             progress: str | None = None, labels: tuple[str, str] = ("x1", "x2")) -> None:
+    """Write ``net``'s kernels ``names`` of validated inputs into ``sink``, block by block.
+
+    This is the one tiler of ntkit's analytic kernels (:mod:`ntkit.layers.tiles` defines
+    the schedule, blocks and tiles). ``t1`` is ``(N1, d)``, ``t2`` is ``(N2, d)`` or ``None``
+    for the symmetric ``k(t1, t1)``: finite floating tensors of one dtype and device, as
+    :func:`~ntkit._validation.as_input_pair` returns them (not checked again). ``block`` is
+    the side of the square blocks ``sink`` receives (``None``: one block, the whole kernel);
+    tiles are sized from ``memory_budget``. ``progress`` is the description of a tqdm bar
+    over blocks, or ``None`` for none. ``labels`` name the inputs in error messages.
+
+    Raises ``ValueError`` for a non-finite kernel, naming the (global) rows of the inputs
+    whose self-kernels overflow; a ``durable`` sink is never handed a non-finite tile.
+    """
+    net.kernel_layout(DENSE)
+    p = _prepare(net, t1, t2, names, labels)
+    n1, n2 = p.t1.shape[0], p.t2.shape[0]
+    itemsize = torch.finfo(t1.dtype).bits // 8
+    size = _tile_size(memory_budget, len(names), itemsize, bool(net.uses_quadrature))
+    block = max(n1, n2, 1) if block is None else block
+    if p.symmetric:
+        p.upper = _upper_mask(min(size, block, n1), t1.device)
+    inputs = _labelled(p, labels)
+    blocks = list(block_schedule(n1, n2, block, p.symmetric))
+    bar = progress_bar(len(blocks), progress)
+    # One 0-d flag accumulated on the device: no host sync per tile (but per tile for a
+    # durable sink, so that a non-finite tile is refused before it is stored).
+    not_finite = torch.zeros((), dtype=torch.bool, device=t1.device)
+    for i, j, rows, cols in blocks:
+        if sink.wants(i, j, rows, cols):
+            for tile_rows, tile_cols in tile_schedule(rows, cols, size, p.symmetric):
+                tiles = _compute_tile(p, tile_rows, tile_cols)
+                for tile in tiles.values():
+                    not_finite |= _not_finite(tile)
+                if sink.durable and bool(not_finite):
+                    raise _overflow_error(net, names, t1.dtype, inputs, tiles, tile_rows.start)
+                sink.write(tile_rows, tile_cols, tiles)
+            sink.finish(i, j, rows, cols)
+        if bar is not None:
+            bar.update()
+    if bar is not None:
+        bar.close()
+    if bool(not_finite):
+        raise _overflow_error(net, names, t1.dtype, inputs, getattr(sink, "results", None))
+
+
+def _labelled(p: _Pair, labels: tuple[str, str]) -> list[tuple[str, torch.Tensor]]:
+    return [(labels[0], p.t1)] if p.symmetric else [(labels[0], p.t1), (labels[1], p.t2)]
+
+
+def _prepare(net: Layer, t1: torch.Tensor, t2: torch.Tensor | None, names: tuple[str, ...],
+             labels: tuple[str, str]) -> _Pair:
+    symmetric = t2 is None
+    t2 = t1 if symmetric else t2
+    n0 = t1.shape[1]
+    sq1 = torch.linalg.vecdot(t1, t1) / n0
+    sq2 = sq1 if symmetric else torch.linalg.vecdot(t2, t2) / n0
+    ids1, ids2 = _shared_row_ids(t1, None if symmetric else t2)
+    p = _Pair(net, t1, t2, names, symmetric, sq1, sq2, ids1, ids2, None,
+              torch.zeros((), dtype=t1.dtype, device=t1.device))
+    # An input whose own Gram entry overflows has no usable kernel, even where a layer
+    # would turn inf into a finite number (LayerNorm: x.x'/sqrt(inf) = 0): refuse it here.
+    if bool(_not_finite(sq1) | _not_finite(sq2)):
+        raise _overflow_error(net, names, t1.dtype, _labelled(p, labels), None)
+    return p
+
+
+def _compute_tile(p: _Pair, rows: slice, cols: slice) -> dict[str, torch.Tensor]:
+    """The ``(len(rows), len(cols))`` tiles of ``p``'s kernels by name. A tile on the
+    diagonal of a symmetric kernel is exactly symmetric, with the exact diagonal."""
+    n0 = p.t1.shape[1]
+    t1, t2 = p.t1, p.t2
+    cov = (t1[rows] @ t2[cols].T).div_(n0)
+    if p.ids1 is not None:
+        same = p.ids1[rows, None] == p.ids2[None, cols]
+        cov = torch.where(same, p.sq1[rows, None].expand_as(cov), cov)
+    on_diagonal = p.symmetric and cols == rows
+    if on_diagonal:
+        # A Gram tile from gemm is symmetric only up to rounding, and its diagonal may
+        # differ from the row norms in the last bit (which arccos would amplify to
+        # ~1e-8 at rho = 1). Make both exact.
+        cov = _mirror_upper(cov, p.upper)
+        cov.diagonal().copy_(p.sq1[rows])
+    # Per-row feature means (O(tile x d), beside the O(tile² x d) Gram): LayerNorm
+    # centres by them.
+    state = PairKernel(cov=cov, var1=p.sq1[rows, None], var2=p.sq2[None, cols],
+                       ntk=p.zero if "ntk" in p.names else None, width=n0,
+                       mean1=t1[rows].sum(dim=1, keepdim=True) / n0,
+                       mean2=(t2[cols].sum(dim=1) / n0)[None, :], gaussian=False)
+    final = _final(p.net.kernel_map(state))
+    tiles = {}
+    for name in p.names:
+        tile = final.cov if name == "nngp" else final.ntk
+        tiles[name] = _mirror_upper(tile, p.upper) if on_diagonal else tile
+    return tiles

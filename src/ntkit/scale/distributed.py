@@ -47,7 +47,8 @@ from .tiled import KERNEL_CHOICES, check_net
 
 def _kernel_block(x1: np.ndarray, x2: np.ndarray, net: Layer, get: str,
                   dtype_name: str) -> np.ndarray:
-    """One kernel tile on a worker (numpy in, numpy out)."""
+    """One kernel block on a worker (numpy in, numpy out): the analytic evaluator with this
+    block as its only block, cache-sized tiles inside it (see :mod:`ntkit.layers.tiles`)."""
     dtype = resolve_dtype(dtype_name)
     t1 = torch.from_numpy(np.ascontiguousarray(x1)).to(dtype)
     if x1 is x2 or (x1.shape == x2.shape and np.array_equal(x1, x2)):
@@ -91,10 +92,11 @@ def dask_kernel(net: Layer, X1: Any, X2: Any | None = None, *, chunks: int = 204
                 get: str = "ntk", dtype: Any = None):
     """The ``(N1, N2)`` kernel ``get`` of ``net`` as a lazy ``dask.array``.
 
-    Block ``(i, j)`` is ``net.kernel(X1[i-th chunk], X2[j-th chunk])[get]``: the same calls
-    as :func:`ntkit.scale.kernel_matrix` with ``tile=chunks`` on and above the diagonal, so the
-    same bits there on the same machine and thread count; below the diagonal the blocks are
-    computed rather than mirrored, equal to rounding (gemm of the swapped operands). A NaN or
+    Block ``(i, j)`` is ``net.kernel(X1[i-th chunk], X2[j-th chunk])[get]``: the evaluator's
+    block of :func:`ntkit.scale.kernel_matrix` with ``tile=chunks`` (``chunks`` is the block
+    side of :mod:`ntkit.layers.tiles`), so the same bits on and above the diagonal on the
+    same machine and thread count; below the diagonal the blocks are computed rather than
+    mirrored, equal to rounding (gemm of the swapped operands). A NaN or
     infinity in a ``dask.array`` input is reported on compute, naming ``X1``/``X2`` and the
     global rows. Nothing is computed until
     ``.compute()``, ``.to_zarr(...)`` or a reduction is evaluated; then the blocks run on the
