@@ -219,3 +219,14 @@ def test_named_smooth_layers_are_elementwise_classes_with_degree():
     torch.testing.assert_close(k.ntk, ref.ntk, rtol=1e-10, atol=0)
     with pytest.raises(ValueError, match="degree"):
         nk.Tanh(degree=0)
+
+
+def test_fixed_hermite_degree_beyond_float64_is_refused_clearly():
+    """numpy's Gauss-Hermite weights underflow to NaN from degree 380: a NaN kernel used to
+    surface as a misleading "inputs overflow" error."""
+    with pytest.raises(ValueError, match="degree must be at most 360"):
+        nk.Tanh(degree=400)
+    with pytest.raises(ValueError, match="degree must be at most 360"):
+        nk.Elementwise(torch.tanh, degree=1000)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    assert torch.isfinite(nk.mlp(2, 8, activation=nk.Tanh(degree=360)).kernel(x).ntk).all()

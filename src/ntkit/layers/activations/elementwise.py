@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from ..._validation import check_positive_int
 from .protocol import Activation
-from .quadrature import estimate_error, hermite_dual, quadrature_dual, quadrature_mean
+from .quadrature import (MAX_HERMITE_DEGREE, estimate_error, hermite_dual, quadrature_dual,
+                         quadrature_mean)
 
 Function = Callable[[torch.Tensor], torch.Tensor]
 
@@ -66,6 +67,11 @@ class Elementwise(Activation):
                              f"{derivative!r}.")
         if degree is not None:
             degree = check_positive_int(degree, "degree")
+            if degree > MAX_HERMITE_DEGREE:
+                raise ValueError(f"degree must be at most {MAX_HERMITE_DEGREE} (the fixed "
+                                 "Gauss-Hermite rule's weights underflow beyond it); got "
+                                 f"{degree}. degree=None (the default) selects the adaptive "
+                                 "rule, accurate at every variance.")
         if smoothness is None:
             smoothness = 1.0
         elif (isinstance(smoothness, bool) or not isinstance(smoothness, (int, float))

@@ -52,11 +52,22 @@ _MAX_GRADED = 64             # graded levels: features down to 2^-64 of the Gaus
 _CHUNK_NODES = 1 << 21       # entries x outer x inner nodes per chunk (16 MiB in float64)
 
 
+# numpy's Golub-Welsch weights underflow to NaN from degree 380 on (checked with numpy 2.4).
+MAX_HERMITE_DEGREE = 360
+
+
 @lru_cache(maxsize=32)
 def _gauss_hermite(degree: int) -> tuple[np.ndarray, np.ndarray]:
     """Nodes and weights for E[g(z)], z ~ N(0, 1): probabilists' Hermite, weights sum to 1."""
-    nodes, weights = np.polynomial.hermite_e.hermegauss(degree)
-    return nodes, weights / weights.sum()
+    with np.errstate(all="ignore"):
+        nodes, weights = np.polynomial.hermite_e.hermegauss(degree)
+        weights = weights / weights.sum()
+    if not (np.isfinite(nodes).all() and np.isfinite(weights).all()):
+        raise ValueError(f"degree={degree}: the Gauss-Hermite weights are not representable in "
+                         "float64 at this degree; use degree=None (the default adaptive rule, "
+                         "accurate at every variance) or a degree of at most "
+                         f"{MAX_HERMITE_DEGREE}.")
+    return nodes, weights
 
 
 @lru_cache(maxsize=32)
