@@ -674,6 +674,18 @@ def test_dask_input_with_nan_names_the_argument_and_the_global_row():
         NET.kernel(clean, get="ntk").ntk, clean)
 
 
+def test_dask_block_overflow_names_the_argument_and_the_global_row():
+    """An overflowing row is named as the user's row of X1/X2, not the block's (row 13 sits
+    in block 1, rows 8-15, as local row 5)."""
+    net = nk.mlp(3, 64)
+    big = _data(30, d=3)
+    big[13] *= 1e200
+    with pytest.raises(ValueError, match=r"not finite .* for rows \[13\] of X1:"):
+        dask_kernel(net, big, chunks=8).compute(scheduler="synchronous")
+    with pytest.raises(ValueError, match=r"not finite .* for rows \[13\] of X2:"):
+        dask_kernel(net, _data(10, d=3), big, chunks=8).compute(scheduler="synchronous")
+
+
 def test_dask_kernel_on_a_real_local_cluster():
     from dask.distributed import Client, LocalCluster, get_task_stream
 

@@ -150,18 +150,20 @@ def _not_finite(t: torch.Tensor) -> torch.Tensor:
 
 def _overflow_error(net: Layer, names: tuple[str, ...], dtype: torch.dtype,
                     inputs: Sequence[tuple[str, torch.Tensor]],
-                    results: dict[str, torch.Tensor] | None, offset: int = 0) -> ValueError:
+                    results: dict[str, torch.Tensor] | None, offset: int = 0,
+                    row_offsets: Sequence[int] | None = None) -> ValueError:
     """The error for a non-finite kernel, naming the rows that cause it.
 
     A kernel entry is bounded by its rows' self-kernels, so the rows to blame are those
     whose self-kernel ``k(x, x)`` is not finite: found in O(N d) by the diagonal mode. If no
     self-kernel overflows (an activation misbehaving off the diagonal), the rows holding
     non-finite entries are named instead, from ``results``: the whole kernels, or one tile
-    whose first row is row ``offset`` of the first input.
+    whose first row is row ``offset`` of the first input. ``row_offsets`` shifts the rows
+    named for each input (a block of a larger input, as in a Dask block).
     """
     parts: list[str] = []
     largest = 0.0
-    for label, t in inputs:
+    for index, (label, t) in enumerate(inputs):
         with torch.no_grad():
             diag = _diagonal_kernels(net, t.detach(), names)
         # The input's own Gram entry, then what the network makes of it.
@@ -170,8 +172,11 @@ def _overflow_error(net: Layer, names: tuple[str, ...], dtype: torch.dtype,
             bad |= ~torch.isfinite(getattr(diag, name))
         rows = bad.nonzero().flatten()
         if rows.numel():
+            if row_offsets is not None:
+                rows = rows + row_offsets[index]
             parts.append(f"rows [{_describe_rows(rows.cpu())}] of {label}")
-            largest = max(largest, float(t.detach()[rows].abs().max()))
+            local = rows - (row_offsets[index] if row_offsets is not None else 0)
+            largest = max(largest, float(t.detach()[local].abs().max()))
     if not parts and results is not None:
         for name in names:
             bad = ~torch.isfinite(results[name])

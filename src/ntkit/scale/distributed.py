@@ -42,20 +42,29 @@ from .._validation import (
     resolve_dtype,
 )
 from ..layers.base import Layer
+from ..layers.evaluate import _overflow_error
 from .tiled import KERNEL_CHOICES, check_net
 
 
-def _kernel_block(x1: np.ndarray, x2: np.ndarray, net: Layer, get: str,
-                  dtype_name: str) -> np.ndarray:
+def _kernel_block(x1: np.ndarray, x2: np.ndarray, rows1: np.ndarray, rows2: np.ndarray,
+                  net: Layer, get: str, dtype_name: str, names: tuple[str, str]) -> np.ndarray:
     """One kernel block on a worker (numpy in, numpy out): the analytic evaluator with this
-    block as its only block, cache-sized tiles inside it (see :mod:`ntkit.layers.tiles`)."""
+    block as its only block, cache-sized tiles inside it (see :mod:`ntkit.layers.tiles`).
+    ``rows1``/``rows2`` are the block's global row indices, so that an overflow error names
+    the user's rows rather than the block's."""
     dtype = resolve_dtype(dtype_name)
     t1 = torch.from_numpy(np.ascontiguousarray(x1)).to(dtype)
-    if x1 is x2 or (x1.shape == x2.shape and np.array_equal(x1, x2)):
+    symmetric = x1 is x2 or (x1.shape == x2.shape and np.array_equal(x1, x2))
+    t2 = t1 if symmetric else torch.from_numpy(np.ascontiguousarray(x2)).to(dtype)
+    try:
         # A diagonal block of a symmetric kernel: the symmetric path makes it exactly symmetric.
-        return net.kernel(t1, None, get=get, dtype=dtype)[get].numpy()
-    t2 = torch.from_numpy(np.ascontiguousarray(x2)).to(dtype)
-    return net.kernel(t1, t2, get=get, dtype=dtype)[get].numpy()
+        return net.kernel(t1, None if symmetric else t2, get=get, dtype=dtype)[get].numpy()
+    except ValueError as err:
+        if "is not finite" not in str(err):
+            raise
+        offsets = (int(rows1[0]) if len(rows1) else 0, int(rows2[0]) if len(rows2) else 0)
+        raise _overflow_error(net, (get,), dtype, list(zip(names, (t1, t2))), None,
+                              row_offsets=offsets) from None
 
 
 def _finite_block(block: np.ndarray, arg_name: str, block_info: dict | None = None) -> np.ndarray:
@@ -126,6 +135,10 @@ def dask_kernel(net: Layer, X1: Any, X2: Any | None = None, *, chunks: int = 204
         raise ValueError(f"X1 has {x1.shape[1]} features but X2 has {x2.shape[1]}; both must "
                          "have the same number of features.")
     np_dtype = np.float64 if dtype == torch.float64 else np.float32
-    return da.blockwise(_kernel_block, "ij", x1, "ik", x2, "jk", concatenate=True,
-                        dtype=np_dtype, net=net, get=get, dtype_name=str(np_dtype.__name__),
+    rows1 = da.arange(x1.shape[0], chunks=x1.chunks[0])
+    rows2 = rows1 if X2 is None else da.arange(x2.shape[0], chunks=x2.chunks[0])
+    names = ("X1", "X1" if X2 is None else "X2")
+    return da.blockwise(_kernel_block, "ij", x1, "ik", x2, "jk", rows1, "i", rows2, "j",
+                        concatenate=True, dtype=np_dtype, net=net, get=get,
+                        dtype_name=str(np_dtype.__name__), names=names,
                         meta=np.empty((0, 0), dtype=np_dtype))
