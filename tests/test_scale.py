@@ -596,17 +596,17 @@ def test_nystrom_condition_number_and_exact_limit():
 def test_cg_never_forms_the_dense_kernel(monkeypatch):
     X, y, K = _problem(n=300)
     sizes = []
-    import ntkit.scale.solvers as solvers_module
-    original = solvers_module.MatVecSink.write
+    original = tiled_module.kernel_tile
 
-    def recording_write(self, rows, cols, tiles):
+    def recording_tile(net, X1, X2, rows, cols, get, symmetric):
         sizes.append((rows.stop - rows.start) * (cols.stop - cols.start))
-        return original(self, rows, cols, tiles)
+        return original(net, X1, X2, rows, cols, get, symmetric)
 
     def forbidden(*args, **kwargs):
         raise AssertionError("the dense kernel was requested")
 
-    monkeypatch.setattr(solvers_module.MatVecSink, "write", recording_write)
+    import ntkit.scale.solvers as solvers_module
+    monkeypatch.setattr(solvers_module, "kernel_tile", recording_tile)
     monkeypatch.setattr(tiled_module, "_kernel_in_memory", forbidden)
     res = solve(NET, X, y, method="cg", diag_reg=1e-2, tol=1e-7, tile=128)
     assert res.converged and max(sizes) <= 128 * 128

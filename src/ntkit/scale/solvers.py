@@ -37,8 +37,14 @@ from .._validation import (
     resolve_ridge,
 )
 from ..layers.base import Layer
-from ..layers.evaluate import evaluate
-from .tiled import DEFAULT_TILE, check_dense_fits, tile_slices
+from .tiled import (
+    DEFAULT_TILE,
+    _progress_bar,
+    check_dense_fits,
+    iter_tiles,
+    kernel_tile,
+    tile_slices,
+)
 
 
 class LinearKernelOperator(Protocol):
@@ -51,30 +57,6 @@ class LinearKernelOperator(Protocol):
     def matmul(self, v: torch.Tensor) -> torch.Tensor: ...
     def diagonal(self) -> torch.Tensor: ...
     def columns(self, index: torch.Tensor) -> torch.Tensor: ...
-
-
-class MatVecSink:
-    """A sink (:class:`ntkit.layers.tiles.Sink`) that folds the tiles of a symmetric kernel
-    into ``K @ v`` (``v`` of shape ``(N, k)``) as they arrive; a tile above the diagonal
-    also contributes its transpose, as a stored kernel would be mirrored."""
-
-    durable = False
-
-    def __init__(self, v: torch.Tensor):
-        self.v = v
-        self.out = torch.zeros_like(v)
-
-    def wants(self, i: int, j: int, rows: slice, cols: slice) -> bool:
-        return True
-
-    def write(self, rows: slice, cols: slice, tiles: dict[str, torch.Tensor]) -> None:
-        (tile,) = tiles.values()
-        self.out[rows] += tile @ self.v[cols]
-        if cols.start != rows.start:
-            self.out[cols] += tile.T @ self.v[rows]
-
-    def finish(self, i: int, j: int, rows: slice, cols: slice) -> None:
-        pass
 
 
 class KernelOperator:
@@ -116,13 +98,21 @@ class KernelOperator:
     def matmul(self, v: torch.Tensor) -> torch.Tensor:
         """``K v`` for ``v`` of shape ``(N,)`` or ``(N, k)``, computed tile by tile."""
         vec = v.ndim == 1
-        sink = MatVecSink(v.reshape(v.shape[0], -1))
-        # The one analytic evaluator, blocks of side `tile` (upper triangle only), each tile
-        # folded into K v as soon as it is computed: K is never held.
-        evaluate(self.net, self.X, None, (self.get,), sink, block=self.tile,
-                 progress="K @ v" if self.progress else None, labels=("X", "X"))
+        v2 = v.reshape(v.shape[0], -1)
+        out = torch.zeros_like(v2)
+        tiles = list(iter_tiles(self.shape[0], self.shape[0], self.tile, True))
+        bar = _progress_bar(len(tiles), self.progress, "K @ v")
+        for i, j, rows, cols in tiles:
+            block = kernel_tile(self.net, self.X, None, rows, cols, self.get, True)
+            out[rows] += block @ v2[cols]
+            if i != j:
+                out[cols] += block.T @ v2[rows]
+            if bar is not None:
+                bar.update()
+        if bar is not None:
+            bar.close()
         self.n_matmuls += 1
-        return sink.out[:, 0] if vec else sink.out
+        return out[:, 0] if vec else out
 
     def diagonal(self) -> torch.Tensor:
         """``diag(K)``, shape ``(N,)``, in O(N d)."""

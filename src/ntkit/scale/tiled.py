@@ -22,15 +22,16 @@ import torch
 from .._validation import as_input_pair, check_choice, check_positive_int, resolve_dtype
 from ..layers.base import Layer
 from ..layers.evaluate import check_dense_fits, evaluate
-from ..layers.tiles import TensorSink, spans
+from ..layers.tiles import TensorSink, block_schedule, progress_bar, spans
 from .store import kernel_to_zarr
 
-__all__ = ["DEFAULT_TILE", "KERNEL_CHOICES", "check_dense_fits", "check_net", "kernel_matrix",
-           "tile_slices"]
+__all__ = ["DEFAULT_TILE", "KERNEL_CHOICES", "check_dense_fits", "check_net", "iter_tiles",
+           "kernel_matrix", "kernel_tile", "tile_slices"]
 
 KERNEL_CHOICES = ("ntk", "nngp")
 DEFAULT_TILE = 2048
 tile_slices = spans  # the spans of the evaluator's schedule
+iter_tiles = block_schedule
 
 
 def check_net(net: Any, name: str = "net") -> Layer:
@@ -38,6 +39,23 @@ def check_net(net: Any, name: str = "net") -> Layer:
         raise ValueError(f"{name} must be an ntkit network (an nk.Layer such as nk.mlp(...)); "
                          f"got {type(net).__name__}.")
     return net
+
+
+def kernel_tile(net: Layer, X1: torch.Tensor, X2: torch.Tensor | None, rows: slice,
+                cols: slice, get: str, symmetric: bool) -> torch.Tensor:
+    """One ``(len(rows), len(cols))`` block of the kernel, for callers that consume blocks
+    one at a time (the solvers' mat-vecs): the evaluator on those rows and columns, so the
+    same values as :func:`kernel_matrix`'s block. A diagonal block of a symmetric kernel is
+    computed with ``x2=None``, exactly symmetric as in the full computation.
+    """
+    if symmetric and rows == cols:
+        return net.kernel(X1[rows], None, get=get, dtype=X1.dtype)[get]
+    other = X1 if X2 is None else X2
+    return net.kernel(X1[rows], other[cols], get=get, dtype=X1.dtype)[get]
+
+
+def _progress_bar(total: int, enabled: bool, desc: str):
+    return progress_bar(total, desc if enabled else None)
 
 
 def kernel_matrix(net: Layer, X1: Any, X2: Any | None = None, *, get: str = "ntk",
