@@ -9,7 +9,7 @@ like Dense, needs the ``"dense"`` layout.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
