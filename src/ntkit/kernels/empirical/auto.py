@@ -3,11 +3,15 @@
 With F the forward FLOPs of one example (counted by ``torch.utils.flop_counter`` in the
 set-up probe), P the number of selected parameters and k = O² for ``"full"``, O otherwise:
 
-* a specialised method (``structured``) whenever the model qualifies: it is exact and
-  cheaper than either general method by about a factor P / Σ_l n_l;
-* otherwise ``jacobian`` ≈ 3 F O (N1 + N2) + 2 N1 N2 P k and ``ntk_vp`` ≈ 3 F O N2 +
-  3 F O N1 N2 (× the number of parameter tensors when ``per_param``); the smaller estimate
-  wins (the first in table order on a tie).
+* ``jacobian`` ≈ 3 F O (N1 + N2) + 2 N1 N2 P k;
+* ``ntk_vp`` ≈ 3 F O N2 + 3 F O N1 N2 (× the number of parameter tensors when
+  ``per_param``);
+* ``structured`` (only where the model qualifies) ≈ 3 F O (N1 + N2) + 2 N1 N2 (Σ_dense
+  (n_in + k n_out) + k Σ_conv,BN P_l): the same sweep as the Jacobian rows, but a Dense
+  layer costs n_in + k n_out per pair instead of k n_in n_out.
+
+The smallest estimate wins (the first in table order on a tie). A specialised method
+without a cost estimate is taken whenever it applies.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ def choose(table: Mapping[str, Method], setup: _Setup, output: str, per_param: b
     for name, method in table.items():
         if method.unsupported is not None and method.unsupported(setup) is not None:
             continue
-        if method.cost is None:  # specialised and applicable: exact structure beats estimates
+        if method.cost is None:  # specialised, applicable and without an estimate: take it
             return name
         costs[name] = method.cost(setup, output, per_param)
     return min(costs, key=costs.get)

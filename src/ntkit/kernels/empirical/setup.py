@@ -37,6 +37,7 @@ class _Setup:
     act_numel: int                       # numel of all module outputs for one example
     flops: float                         # forward FLOPs for one example
     n_params: int = field(init=False)
+    memo: dict = field(default_factory=dict)  # per-call results a method's checks share
 
     def __post_init__(self) -> None:
         self.n_params = sum(p.numel() for p in self.params.values())

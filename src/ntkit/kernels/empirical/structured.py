@@ -1,26 +1,51 @@
-"""The ``structured`` method: no Jacobian, for Sequential stacks of Dense layers.
+"""The ``structured`` method: per-layer gradient structure, no whole-model Jacobian.
 
-For ``nn.Sequential`` stacks of ``nn.Linear`` / ntkit ``DenseModule`` and elementwise
-activations. Writing ``z_l = s_w W_l a_l + s_b b_l`` for Dense layer ``l`` (``a_l`` its
-input, ``s_w``, ``s_b`` its weight and bias scales) and ``δ_l(x) ∈ R^{O×n_l}`` for the
-backward signal ``∂f/∂z_l``, the gradients are ``∂f_o/∂W_l = s_w δ_{l,o} ⊗ a_l`` and
-``∂f_o/∂b_l = s_b δ_{l,o}``, hence
+For ``nn.Sequential`` stacks (nested Sequentials are flattened) whose differentiated
+parameters sit in ``nn.Linear`` / ntkit ``DenseModule``, ``nn.Conv1d`` / ``nn.Conv2d`` (and
+subclasses, e.g. ntkit's conv modules) and eval-mode ``BatchNorm`` layers. Every other
+module of the stack must have no selected parameter; it is differentiated by
+``torch.func.vjp`` (pooling, flatten, padding, eval dropout, any per-example map), or by
+its elementwise derivative for activations.
 
-    Θ(x, x')_{o o'} = Σ_l ⟨δ_{l,o}(x), δ_{l,o'}(x')⟩ · (s_w² ⟨a_l(x), a_l(x')⟩ + s_b²).
+One forward and one backward sweep per example block; the backward carries the O output
+signals at once, ``δ_l(x) = ∂f/∂z_l ∈ R^{O × shape(z_l)}``. Per layer:
 
-One forward and one backward sweep per example (the backward carries the O output signals at
-once) plus two Gram matrices per layer.
+* Dense ``z = s_w W a + s_b b`` (``a ∈ R^{n_in}``): ``∂f_o/∂W = s_w δ_o ⊗ a``, so
+
+      Θ_l(x, x')_{oo'} = ⟨δ_o(x), δ_o'(x')⟩ · (s_w² ⟨a(x), a(x')⟩ + s_b²)
+
+  — two Gram matrices, no Jacobian (cost per pair O(n_in + k n_out), k = O or O²).
+* Conv ``z_{c,p} = s_w Σ_k W_{c,k} U_{k,p}(a) + s_b b_c`` with ``U(a) ∈ R^{K×P}`` the
+  patches (``unfold``: K = C_in·kh·kw, P output pixels). The weight is shared over pixels, so
+
+      Θ_l(x, x')_{oo'} = s_w² Σ_c Σ_{p,p'} δ_{o,c,p}(x) δ_{o',c,p'}(x') ⟨U_p(x), U_p'(x')⟩
+                       = s_w² ⟨G_o(x), G_o'(x')⟩,   G_o(x) = δ_o(x) U(x)ᵀ ∈ R^{C_out×K}
+
+  (bias: ``s_b² Σ_c (Σ_p δ_{o,c,p})(Σ_p' δ_{o',c,p'})``). The pixel-pair form costs
+  O(P² (K + k C_out)) per pair of examples and the factored one O(k C_out K), smaller
+  whenever P² (K + k C_out) > k C_out K — for every layer with more than a few pixels — so
+  the factored form is used: one ``(O·C_out × P) @ (P × K)`` product per example builds the
+  per-example weight gradient (the sum over pixels is done once per example, not once per
+  pair), then one Gram.
+* BatchNorm (eval) ``y = γ x̂ + β`` with fixed statistics: ``∂f_o/∂γ_c = Σ_p δ_{o,c,p} x̂_{c,p}``,
+  ``∂f_o/∂β_c = Σ_p δ_{o,c,p}``, then one Gram.
+
+Compared with ``jacobian`` (``vmap(jacrev)`` of the whole model) this never forms a Dense
+layer's ``O × n_out × n_in`` Jacobian, which dominates CNNs with a Flatten + Dense readout;
+the convolutional gradients are the same numbers built from one batched sweep.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.func import vjp, vmap
 
 from ...layers.activations import ABReLU, ActivationModule
 from ...layers.dense import DenseModule
@@ -38,15 +63,39 @@ ELEMENTWISE_MODULES: tuple[type, ...] = (
 )
 # nn.PReLU has a parameter, so it is not a plain activation for the structured path.
 _PARAMETER_FREE_ACTS = tuple(t for t in ELEMENTWISE_MODULES if t is not nn.PReLU)
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d)
+_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
 @dataclass
-class _DenseStep:
+class _Step:
+    """One module of the flattened Sequential, as the structured path treats it.
+
+    ``kind``: ``"dense"``, ``"conv"``, ``"bn"`` (layers whose gradients are formed here),
+    ``"act"`` (elementwise: derivative times signal) or ``"map"`` (anything else without a
+    selected parameter: backward by ``torch.func.vjp``). ``weight``/``bias``: the selected
+    parameter names, else None. ``in_shape``/``out_shape``: per-example shapes, when probed.
+    """
+
+    kind: str
+    name: str
     module: nn.Module
-    weight: str | None   # parameter name if selected, else None
-    bias: str | None
-    w_scale: float
-    b_scale: float
+    weight: str | None = None
+    bias: str | None = None
+    w_scale: float = 1.0
+    b_scale: float = 1.0
+    in_shape: tuple[int, ...] = ()
+    out_shape: tuple[int, ...] = ()
+    probed: bool = field(default=False)
+
+    @property
+    def selected(self) -> bool:
+        return bool(self.weight or self.bias)
+
+    def param_numel(self) -> int:
+        """Elements of the selected parameters."""
+        return sum(getattr(self.module, k).numel() for k, n in
+                   (("weight", self.weight), ("bias", self.bias)) if n)
 
 
 def _flatten_sequential(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
@@ -60,49 +109,81 @@ def _flatten_sequential(model: nn.Module, prefix: str = "") -> list[tuple[str, n
     return out
 
 
+def _selected_names(name: str, m: nn.Module, chosen: set[str] | None) -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for k in ("weight", "bias"):
+        p = getattr(m, k, None)
+        full = f"{name}.{k}"
+        ok = isinstance(p, torch.Tensor) and p.requires_grad and (chosen is None
+                                                                 or full in chosen)
+        out[k] = full if ok else None
+    return out
+
+
+def _classify(name: str, m: nn.Module, chosen: set[str] | None) -> _Step | str:
+    """The step for module ``m``, or the reason it prevents the structured path."""
+    if m._forward_hooks or m._forward_pre_hooks:
+        return f"module {name!r} has forward hooks"
+    sel = _selected_names(name, m, chosen)
+    if isinstance(m, (nn.Linear, DenseModule)) and not isinstance(m, nn.LazyLinear):
+        ws, bs = (m.weight_scale, m.bias_scale) if isinstance(m, DenseModule) else (1.0, 1.0)
+        return _Step("dense", name, m, sel["weight"], sel["bias"], ws, bs)
+    if isinstance(m, _CONV_TYPES) and not isinstance(m, nn.modules.lazy.LazyModuleMixin):
+        # ntkit's conv modules carry their NTK-parameterization factors like DenseModule.
+        ws = float(getattr(m, "weight_scale", 1.0))
+        bs = float(getattr(m, "bias_scale", 1.0))
+        return _Step("conv", name, m, sel["weight"], sel["bias"], ws, bs)
+    if isinstance(m, _BN_TYPES) and (sel["weight"] or sel["bias"]):
+        if m.training or not m.track_running_stats or m.running_mean is None:
+            return (f"module {name!r} ({type(m).__name__}) normalises by batch statistics "
+                    "(train mode or track_running_stats=False)")
+        return _Step("bn", name, m, sel["weight"], sel["bias"])
+    if isinstance(m, _PARAMETER_FREE_ACTS):
+        return _Step("act", name, m)
+    own = [n for n, p in m.named_parameters() if p.requires_grad
+           and (chosen is None or f"{name}.{n}" in chosen)]
+    if own:
+        return (f"module {name!r} ({type(m).__name__}) has differentiated parameters "
+                f"({', '.join(own[:3])}) and is not a Linear/DenseModule, Conv1d/Conv2d or "
+                "BatchNorm layer")
+    return _Step("map", name, m)
+
+
 def structured_plan(model: nn.Module, params: Iterable[str] | None = None,
-                    example_ndim: int = 2) -> tuple[list[tuple[str, Any]], str | None]:
+                    example: torch.Tensor | None = None) -> tuple[list[_Step], str | None]:
     """Decompose ``model`` for the structured path.
 
-    Returns ``(steps, reason)``: ``steps`` is a list of ``("dense", _DenseStep)``,
-    ``("act", module)`` and ``("flatten", module)``; ``reason`` is ``None`` when the model
-    qualifies and otherwise says which module prevents it. ``example_ndim`` is the number of
-    dimensions of the input batch (the first Dense layer needs ``(B, features)``).
+    Returns ``(steps, reason)``: ``steps`` is one :class:`_Step` per module of the flattened
+    Sequential; ``reason`` is ``None`` when the model qualifies and otherwise says which
+    module prevents it. ``example`` (a batch of one input, ``(1, *in)``), when given, is
+    run through the steps to record every step's per-example shapes and to check that each
+    Dense layer receives ``(B, features)``.
     """
     if type(model) is not nn.Sequential:
         return [], f"model is {type(model).__name__}, not an nn.Sequential"
     chosen = set(params) if params is not None else None
-    steps: list[tuple[str, Any]] = []
-    seen_dense = False
+    steps: list[_Step] = []
     for name, m in _flatten_sequential(model):
-        if m._forward_hooks or m._forward_pre_hooks:
-            return [], f"module {name!r} has forward hooks"
-        if isinstance(m, (nn.Linear, DenseModule)) and not isinstance(m, nn.LazyLinear):
-            if not seen_dense and example_ndim != 2:
-                return [], (f"module {name!r} receives {example_ndim}-dimensional batches; "
-                            "put nn.Flatten() before it")
-            names = {k: f"{name}.{k}" for k in ("weight", "bias")}
-            trainable = {k: (getattr(m, k, None) is not None and getattr(m, k).requires_grad
-                             and (chosen is None or names[k] in chosen)) for k in names}
-            if isinstance(m, DenseModule):
-                ws, bs = m.weight_scale, m.bias_scale
-            else:
-                ws, bs = 1.0, 1.0
-            steps.append(("dense", _DenseStep(m, names["weight"] if trainable["weight"] else None,
-                                              names["bias"] if trainable["bias"] else None,
-                                              ws, bs)))
-            seen_dense = True
-        elif isinstance(m, _PARAMETER_FREE_ACTS):
-            steps.append(("act", m))
-        elif isinstance(m, nn.Flatten) and not seen_dense and m.end_dim == -1 \
-                and m.start_dim == 1:
-            steps.append(("flatten", m))
-            example_ndim = 2
-        else:
-            return [], (f"module {name!r} ({type(m).__name__}) is not a Linear/DenseModule or "
-                        "an elementwise activation")
-    if not any(kind == "dense" for kind, _ in steps):
-        return [], "model has no Linear/DenseModule layer"
+        step = _classify(name, m, chosen)
+        if isinstance(step, str):
+            return [], step
+        steps.append(step)
+    if not any(s.selected for s in steps):
+        return [], "no differentiated parameter is in a Linear/DenseModule/Conv/BatchNorm layer"
+    if example is not None:
+        a = example
+        with torch.no_grad():
+            for s in steps:
+                if s.kind == "dense" and a.ndim != 2:
+                    return [], (f"module {s.name!r} receives {a.ndim}-dimensional batches "
+                                f"(per example {tuple(a.shape[1:])}); put nn.Flatten() before "
+                                "it")
+                s.in_shape = tuple(a.shape[1:])
+                a = s.module(a)
+                if not isinstance(a, torch.Tensor) or a.ndim == 0 or a.shape[0] != 1:
+                    return [], f"module {s.name!r} does not map (B, ...) to (B, ...)"
+                s.out_shape = tuple(a.shape[1:])
+                s.probed = True
     return steps, None
 
 
@@ -130,7 +211,7 @@ def _is_relu(m: nn.Module) -> bool:
                                        and (m.activation.a, m.activation.b) == (0.0, 1.0))
 
 
-def _dense_forward(s: _DenseStep, a: torch.Tensor) -> torch.Tensor:
+def _dense_forward(s: _Step, a: torch.Tensor) -> torch.Tensor:
     m = s.module
     if a.ndim != 2:
         raise ValueError(f"structured path: a Dense layer received inputs of shape "
@@ -141,55 +222,181 @@ def _dense_forward(s: _DenseStep, a: torch.Tensor) -> torch.Tensor:
     return m(a)
 
 
-def _structured_features(steps: list, n_out: int) -> Callable[[torch.Tensor], list]:
-    """Per example block: a list of ``(step, a_l, δ_l, c_l)`` per Dense layer with a selected
-    parameter, where ``a_l: (B, n_in)`` is the layer's input and the backward signal is
-    ``c_l · δ_l`` with ``δ_l: (B, O, n_out)`` (the scalar weight scales are carried in
-    ``c_l`` instead of rescaling every signal)."""
-    first_needed = min(i for i, (kind, s) in enumerate(steps)
-                       if kind == "dense" and (s.weight or s.bias))
+def _pull_back(fn: Callable, delta: torch.Tensor) -> torch.Tensor:
+    """Apply a per-example vjp to each of the O signals: ``(B, O, *out) -> (B, O, *in)``."""
+    try:
+        return vmap(fn, in_dims=1, out_dims=1)(delta)[0]
+    except RuntimeError as err:  # an op without a batching rule: one signal at a time
+        if "randomness" in str(err):
+            raise
+        return torch.stack([fn(delta[:, o])[0] for o in range(delta.shape[1])], dim=1)
 
-    def features(x: torch.Tensor) -> list:
+
+def _patches(m: nn.Conv1d | nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
+    """The conv's input patches ``U(a): (B, C_in·kh·kw, P)`` in ``weight``'s (C, kh, kw)
+    order, padded exactly as the module pads (zeros, circular, reflect, replicate, 'same'
+    with PyTorch's extra right/bottom pixel for even kernels)."""
+    pad = list(getattr(m, "_reversed_padding_repeated_twice", []))
+    if any(pad):
+        mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+        a = F.pad(a, pad, mode=mode)
+    if isinstance(m, nn.Conv1d):  # a (B, C, L) is an image of height 1
+        a = a.unsqueeze(2)
+        kernel, dil, stride = (1, m.kernel_size[0]), (1, m.dilation[0]), (1, m.stride[0])
+    else:
+        kernel, dil, stride = m.kernel_size, m.dilation, m.stride
+    return F.unfold(a, kernel, dilation=dil, stride=stride)
+
+
+def _conv_grads(s: _Step, a: torch.Tensor, delta: torch.Tensor, c: float
+                ) -> list[tuple[str, torch.Tensor]]:
+    """Per-example, per-output gradients of a conv layer's selected parameters,
+    ``(B, O, numel)`` each, scaled by the carried factor ``c`` and the layer's scales."""
+    m = s.module
+    b, o = delta.shape[:2]
+    c_out, groups = m.out_channels, m.groups
+    d = delta.reshape(b, o, c_out, -1)  # (B, O, C_out, P)
+    out = []
+    if s.weight:
+        u = _patches(m, a)  # (B, K, P)
+        if groups == 1:
+            g = torch.bmm(d.reshape(b, o * c_out, -1), u.transpose(1, 2))
+        else:
+            p = d.shape[-1]
+            g = torch.einsum("bogcp,bgkp->bogck", d.reshape(b, o, groups, c_out // groups, p),
+                             u.reshape(b, groups, -1, p))
+        out.append((s.weight, g.reshape(b, o, -1).mul_(c * s.w_scale)))
+        del u
+    if s.bias:
+        out.append((s.bias, d.sum(dim=-1).mul_(c * s.b_scale)))
+    return out
+
+
+def _bn_grads(s: _Step, a: torch.Tensor, delta: torch.Tensor, c: float
+              ) -> list[tuple[str, torch.Tensor]]:
+    """BatchNorm (fixed statistics) ``y = γ x̂ + β``: per-channel sums over positions."""
+    m = s.module
+    b, o, ch = delta.shape[:3]
+    d = delta.reshape(b, o, ch, -1)
+    out = []
+    if s.weight:
+        view = (1, ch, 1)
+        xhat = (a.reshape(b, ch, -1) - m.running_mean.reshape(view)) * torch.rsqrt(
+            m.running_var.reshape(view) + m.eps)
+        out.append((s.weight, torch.einsum("bocp,bcp->boc", d, xhat).mul_(c)))
+    if s.bias:
+        out.append((s.bias, d.sum(dim=-1).mul_(c)))
+    return out
+
+
+def _structured_features(steps: list[_Step], n_out: int, per_param: bool
+                         ) -> Callable[[torch.Tensor], tuple[list, dict]]:
+    """Per example block: ``(dense_terms, grads)``.
+
+    ``dense_terms``: ``(step, a_l, δ_l, c_l)`` per Dense layer with a selected parameter,
+    where ``a_l: (B, n_in)`` is the layer's input and the backward signal is ``c_l · δ_l``
+    with ``δ_l: (B, O, n_out)`` (the scalar weight scales of Dense layers above are carried
+    in ``c_l`` instead of rescaling every signal). ``grads``: per-example gradients
+    ``(B, O, numel)`` of the conv/BatchNorm parameters, by name; without ``per_param`` they
+    are concatenated into one ``{"": (B, O, Σ numel)}`` so that one Gram contracts them.
+    """
+    first_needed = min(i for i, s in enumerate(steps) if s.selected)
+
+    def features(x: torch.Tensor) -> tuple[list, dict]:
         with torch.no_grad():
             a = x
             saved: list[Any] = []
-            for kind, s in steps:
-                if kind == "flatten":
-                    a = s(a)
-                    saved.append(None)
-                elif kind == "dense":
-                    saved.append(a)
+            for i, s in enumerate(steps):
+                below = i > first_needed  # the backward must pass through this step
+                if s.kind == "dense":
+                    saved.append(a if s.selected else None)
                     a = _dense_forward(s, a)
-                elif _is_relu(s):
-                    saved.append(a > 0)  # a boolean mask is φ' and takes 1 byte per entry
-                    a = torch.relu(a)
-                else:
-                    saved.append(_activation_derivative(s, a))
-                    a = s(a)
-            if a.ndim != 2 or a.shape[1] != n_out:
-                raise ValueError(f"structured path: expected output (B, {n_out}); got "
-                                 f"{tuple(a.shape)}")
+                elif s.kind == "act":
+                    if not below and i < first_needed:
+                        saved.append(None)
+                        a = s.module(a)
+                    elif _is_relu(s.module):
+                        saved.append(a > 0)  # a boolean mask is φ' and takes 1 byte per entry
+                        a = torch.relu(a)
+                    else:
+                        saved.append(_activation_derivative(s.module, a))
+                        a = s.module(a)
+                else:  # conv, bn, map: the input if gradients are formed, a vjp if passed
+                    inp = a if s.selected else None
+                    if below:
+                        a, fn = vjp(s.module, a)
+                    else:
+                        a, fn = s.module(a), None
+                    saved.append((inp, fn))
             b = x.shape[0]
-            delta = torch.eye(n_out, dtype=a.dtype, device=a.device).expand(b, n_out, n_out)
+            if a.shape[0] != b or a[0].numel() != n_out:
+                raise ValueError(f"structured path: expected output (B, ...) with {n_out} "
+                                 f"entries per example; got {tuple(a.shape)}")
+            delta: torch.Tensor = torch.eye(n_out, dtype=a.dtype, device=a.device).expand(
+                b, n_out, n_out).reshape(b, n_out, *a.shape[1:])
             scale = 1.0
-            out = []
+            dense_terms, grads = [], {}
             for i in range(len(steps) - 1, first_needed - 1, -1):
-                kind, s = steps[i]
-                if kind == "act":
+                s = steps[i]
+                if s.kind == "act":
                     delta = delta * saved[i].unsqueeze(1)
-                elif kind == "dense":
-                    if s.weight or s.bias:
-                        out.append((s, saved[i], delta, scale))
+                elif s.kind == "dense":
+                    if s.selected:
+                        dense_terms.append((s, saved[i], delta, scale))
                     if i > first_needed:
                         delta = delta @ s.module.weight
                         scale *= s.w_scale
-            return out
+                else:
+                    inp, fn = saved[i]
+                    if s.kind == "conv" and s.selected:
+                        grads.update(_conv_grads(s, inp, delta, scale))
+                    elif s.kind == "bn":
+                        grads.update(_bn_grads(s, inp, delta, scale))
+                    saved[i] = None
+                    if i > first_needed:
+                        delta = _pull_back(fn, delta)
+            if grads and not per_param:
+                grads = {"": torch.cat(list(grads.values()), dim=-1)}
+            return dense_terms, grads
 
     return features
 
 
-def _steps(setup: _Setup) -> tuple[list[tuple[str, Any]], str | None]:
-    return structured_plan(setup.model, setup.params, setup.x1.ndim)
+def _steps(setup: _Setup) -> tuple[list[_Step], str | None]:
+    key = ("structured_plan",)
+    if key not in setup.memo:
+        setup.memo[key] = structured_plan(setup.model, setup.params, setup.x1[:1])
+    return setup.memo[key]
+
+
+def _sizes(steps: list[_Step], n_out: int) -> dict[str, float]:
+    """Per-example element counts the memory plan and the cost model use."""
+    dense = [s for s in steps if s.kind == "dense" and s.selected]
+    jac = sum(s.param_numel() for s in steps if s.kind in ("conv", "bn") and s.selected)
+    first = min(i for i, s in enumerate(steps) if s.selected)
+    acts = [math.prod(s.out_shape) for s in steps[first:]] + [math.prod(steps[first].in_shape)]
+    unfold = max((s.module.weight[0].numel() * math.prod(s.out_shape[1:]) for s in steps
+                  if s.kind == "conv" and s.weight), default=0)
+    biggest_grad = max((s.param_numel() for s in steps if s.kind in ("conv", "bn")
+                        and s.selected), default=0)
+    return {"dense_in": sum(s.module.in_features for s in dense),
+            "dense_out": sum(s.module.out_features for s in dense),
+            "jac": jac, "acts": sum(acts), "max_act": max(acts), "unfold": unfold,
+            "max_grad": biggest_grad,
+            "n_tensors": sum(bool(s.weight) + bool(s.bias) for s in steps)}
+
+
+def structured_cost(setup: _Setup, output: str, per_param: bool) -> float:
+    """FLOPs of ``structured``: one forward and an O-signal backward per example (≈ 3 F O,
+    as for the Jacobian rows), then per pair of examples the Grams of the Dense layers'
+    inputs and signals and of the conv/BatchNorm gradients:
+    2 N1 N2 (Σ_dense (n_in + k n_out) + k Σ_conv,bn P_l), k = O² for "full", O otherwise."""
+    steps, _ = _steps(setup)
+    o, f = setup.n_out, setup.flops
+    k = o * o if output == "full" else o
+    z = _sizes(steps, o)
+    pair = z["dense_in"] + k * (z["dense_out"] + z["jac"])
+    return 3.0 * f * o * (setup.n1 + setup.n2) + 2.0 * setup.n1 * setup.n2 * pair
 
 
 def _by_structured(setup: _Setup, req: Request) -> tuple[torch.Tensor, dict]:
@@ -201,21 +408,27 @@ def _by_structured(setup: _Setup, req: Request) -> tuple[torch.Tensor, dict]:
     o = setup.n_out
     width = math.prod(tail)
     itemsize = setup.itemsize
-    dense = [s for kind, s in steps if kind == "dense"]
-    widths = sum(s.module.in_features + 2 * o * s.module.out_features for s in dense)
-    feat = itemsize * (widths + 2 * setup.act_numel)
-    n_tensors = req.n_tensors(sum(bool(s.weight) + bool(s.bias) for s in dense))
+    z = _sizes(steps, o)
+    # Kept per row: Dense inputs and signals, conv/BN gradients (twice while concatenating).
+    feat = itemsize * (z["dense_in"] + 2 * o * z["dense_out"] + 2 * o * z["jac"])
+    # While one block's features are computed: the saved activations and vjp residuals,
+    # two O-signal tensors of the largest activation, one unfold and one layer's gradient.
+    transient = itemsize * (3 * z["acts"] + 3 * o * z["max_act"] + z["unfold"]
+                            + o * z["max_grad"])
+    n_tensors = req.n_tensors(z["n_tensors"])
     plan = _plan_kernel(setup, req, feat1=feat, feat2=feat,
-                        pair=lambda a, b: a * b * itemsize * (3 * width + 2) * n_tensors,
+                        pair=lambda a, b: a * b * itemsize * (3 * width + 2) * n_tensors
+                        + max(a, b) * transient,
                         n_tensors=n_tensors, what="method='structured'")
-    features = _structured_features(steps, o)
+    features = _structured_features(steps, o, req.per_param)
     expand = (slice(None), slice(None)) + (None,) * len(tail)
 
-    def contract(f1: list, f2: list) -> dict[str, torch.Tensor]:
+    def contract(f1: tuple, f2: tuple) -> dict[str, torch.Tensor]:
+        (dense1, grads1), (dense2, grads2) = f1, f2
         result: dict[str, torch.Tensor] = {}
         acc = None
-        for (s, a1, d1, c), (_, a2, d2, _) in zip(f1, f2):
-            g_delta = _gram(d1, d2, output)
+        for (s, a1, d1, c), (_, a2, d2, _) in zip(dense1, dense2):
+            g_delta = _gram(d1, d1 if d2 is d1 else d2, output)
             g_a = _matmul_t(a1, a1 if a2 is a1 else a2)[expand] if s.weight else None
             w_coef, b_coef = (c * s.w_scale) ** 2, (c * s.b_scale) ** 2
             if req.per_param:
@@ -230,12 +443,20 @@ def _by_structured(setup: _Setup, req: Request) -> tuple[torch.Tensor, dict]:
                 acc.addcmul_(g_delta, g_a, value=w_coef)
             if s.bias:
                 acc.add_(g_delta, alpha=b_coef)
+        for name, g1 in grads1.items():
+            g2 = grads2[name]
+            g = _gram(g1, g1 if g2 is g1 else g2, output)
+            if req.per_param:
+                result[name] = g
+            else:
+                acc = g if acc is None else acc.add_(g)
         return result if req.per_param else {"total": acc}
 
     return _run_blocks(setup, req, plan, features, features, contract, same_features=True)
 
 
-_REQUIREMENT = ("an nn.Sequential of nn.Linear/ntkit DenseModule layers and elementwise "
-                "activations")
+_REQUIREMENT = ("an nn.Sequential whose differentiated parameters are in nn.Linear/ntkit "
+                "DenseModule, nn.Conv1d/Conv2d or eval-mode BatchNorm layers (other modules "
+                "parameter-free)")
 STRUCTURED = Method(compute=_by_structured, unsupported=lambda setup: _steps(setup)[1],
-                    requirement=_REQUIREMENT)
+                    requirement=_REQUIREMENT, cost=structured_cost)
