@@ -137,6 +137,59 @@ def _shift_sum(t: torch.Tensor, axes: tuple[int, ...], n: int, k: int, s: int,
     return out
 
 
+@lru_cache(maxsize=256)
+def _flat_mask(spatial: tuple[int, ...], d: int, delta: int, pairs: bool, dtype: torch.dtype,
+               device: str) -> torch.Tensor:
+    """0/1 mask over flattened output pixels (``(P,)``, or ``(P, P)`` for pairs) whose
+    coordinate ``d`` shifted by ``delta`` stays inside the image (the rest are zero
+    padding)."""
+    coords = torch.arange(math.prod(spatial), device=device)
+    inner = math.prod(spatial[d + 1:])
+    c = (coords // inner) % spatial[d] + delta
+    m = ((c >= 0) & (c < spatial[d])).to(dtype)
+    return m[:, None] * m[None, :] if pairs else m
+
+
+def _same_stride1_pass(t: torch.Tensor, spatial: tuple[int, ...], d: int, k: int,
+                       pairs: bool) -> torch.Tensor:
+    """The fast path of one dimension of a stride-1 ``"same"`` window sum: the spatial
+    axes of each image are flattened to one pixel axis ``P`` (a view), so each shifted add
+    runs over long contiguous stretches (``P - |shift|`` entries) instead of rows of ``W``.
+    A shift along dimension ``d`` is a shift by ``delta * prod(spatial[d+1:])`` of ``P``;
+    positions whose coordinate ``d`` leaves the image are excluded by the range for the
+    outermost dimension and by a 0/1 mask (one fused multiply-add) for the others. Exact:
+    the mask multiplies by 0 or 1 (a non-finite entry next to the border would turn into
+    NaN instead of being dropped; the evaluator refuses non-finite tiles anyway)."""
+    ndim = len(spatial)
+    n_pix = math.prod(spatial)
+    batch = t.shape[:t.dim() - (2 * ndim if pairs else ndim)]
+    flat_shape = (*batch, n_pix, n_pix) if pairs else (*batch, n_pix)
+    src = t.reshape(flat_shape)
+    out = src.clone(memory_format=torch.contiguous_format)
+    before = (k - 1) // 2
+    step = math.prod(spatial[d + 1:])
+    for o in range(k):
+        delta = o - before
+        if delta == 0:
+            continue
+        if abs(delta) >= spatial[d]:
+            continue  # the shifted window lies entirely in the padding
+        shift = delta * step
+        lo, hi = max(0, -shift), n_pix - max(0, shift)
+        r_out, r_in = slice(lo, hi), slice(lo + shift, hi + shift)
+        if pairs:
+            o_view, i_view = out[..., r_out, r_out], src[..., r_in, r_in]
+        else:
+            o_view, i_view = out[..., r_out], src[..., r_in]
+        if d == 0:
+            o_view += i_view
+        else:
+            mask = _flat_mask(spatial, d, delta, pairs, t.dtype, str(t.device))
+            mask = mask[r_out, r_out] if pairs else mask[r_out]
+            o_view.addcmul_(i_view, mask)
+    return out.reshape(t.shape)
+
+
 def _spatial_shape(t: torch.Tensor, ndim: int, pairs: bool, name: str) -> tuple[int, ...]:
     n_spatial = 2 * ndim if pairs else ndim
     if not isinstance(t, torch.Tensor) or not t.is_floating_point():
@@ -178,6 +231,14 @@ def window_sum(t: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int
     # Dimensions that shrink the tensor most go first, so later passes touch less memory.
     order = sorted(range(ndim), key=lambda d: output_size(spatial[d], kernel_size[d],
                                                           stride[d], padding)[0] / spatial[d])
+    if padding == "same" and all(st == 1 for st in stride):
+        # The common case (3x3 "same" convolutions): flattened-pixel shifted adds.
+        if all(k == 1 for k in kernel_size):
+            return t.clone(memory_format=torch.contiguous_format)  # always a fresh tensor
+        for d in range(ndim):
+            if kernel_size[d] > 1:
+                t = _same_stride1_pass(t, spatial, d, kernel_size[d], pairs)
+        return t
     for d in order:
         if pairs:
             axes = (d - 2 * ndim, d - ndim)
