@@ -25,6 +25,14 @@ intra-op threads; on a machine with P cores use ``T * torch_threads <= P`` (Dask
 ``OMP_NUM_THREADS=1`` in worker processes by default, so torch then uses one thread per
 tile). For inputs too large to embed in the task graph (more than ~100 MB), pass ``X1`` as a
 ``dask.array`` read by the workers themselves (``da.from_zarr``, ``da.from_npy_stack``...).
+
+With ``client=`` (a ``dask.distributed.Client``), the inputs are *scattered once* to every
+worker (``client.scatter(..., broadcast=True)``) and each block task holds only a reference
+to them and its row ranges: no ``N x d`` data travels with the tasks. A symmetric kernel
+then computes only the blocks on and above the diagonal; those below are their transposes
+(exactly symmetric, half the work). :func:`client_blocks` is the same schedule feeding a
+sink in this process (the in-RAM and on-disk solves of :func:`ntkit.scale.solve` with
+``client=``).
 """
 
 from __future__ import annotations
@@ -97,8 +105,110 @@ def _as_dask_inputs(X: Any, name: str, chunks: int, dtype: torch.dtype):
     return da.from_array(t.detach().cpu().numpy(), chunks=(chunks, -1), name=False)
 
 
+def _scattered_block(x1: np.ndarray, x2: np.ndarray | None, net: Layer, r0: int, r1: int,
+                     c0: int, c1: int, get: str, dtype_name: str, send: str) -> np.ndarray:
+    """One block on a worker from the scattered inputs: rows ``r0:r1`` of ``x1`` against rows
+    ``c0:c1`` of ``x2`` (``None``: of ``x1``, the symmetric kernel, whose diagonal blocks go
+    through the symmetric path and are exactly symmetric). Returned as ``send`` (the dtype
+    the receiver stores: casting on the worker halves the bytes sent for float32)."""
+    import warnings
+
+    dtype = resolve_dtype(dtype_name)
+    with warnings.catch_warnings():  # scattered arrays are read-only; nothing writes to them
+        warnings.simplefilter("ignore", UserWarning)
+        a = torch.from_numpy(x1[r0:r1]).to(dtype)
+        other = x1 if x2 is None else x2
+        b = None if (x2 is None and (r0, r1) == (c0, c1)) else torch.from_numpy(
+            other[c0:c1]).to(dtype)
+    try:
+        block = net.kernel(a, b, get=get, dtype=dtype)[get]
+    except ValueError as err:
+        if "is not finite" not in str(err):
+            raise
+        names = ("X1",) if b is None else ("X1", "X1" if x2 is None else "X2")
+        inputs = [(names[0], a)] + ([] if b is None else [(names[1], b)])
+        raise _overflow_error(net, (get,), dtype, inputs, None,
+                              row_offsets=(r0, c0)) from None
+    return block.numpy().astype(send, copy=False)
+
+
+def _scatter(client, x: np.ndarray):
+    return client.scatter(x, broadcast=True, hash=False)
+
+
+def client_blocks(client, net: Layer, t: torch.Tensor, get: str, sink, tile: int,
+                  progress: bool, desc: str) -> None:
+    """The blocks of the symmetric kernel ``k(t, t)`` (the evaluator's block schedule) on
+    ``client``'s workers, written into ``sink`` (the :class:`~ntkit.layers.tiles.Sink`
+    protocol) in this process as they finish. ``t`` is scattered once; blocks a durable
+    sink already holds (``sink.done``) are not submitted."""
+    from dask.distributed import as_completed
+
+    from ..layers.tiles import block_schedule, progress_bar
+
+    x = _scatter(client, t.detach().cpu().numpy())
+    net_f = client.scatter(net, broadcast=True, hash=False)
+    store = getattr(sink, "arr", None)
+    buffers = getattr(sink, "_buffers", None) or {}
+    target = store.dtype if store is not None else (
+        buffers[get].dtype if get in buffers else t.dtype)
+    send = np.dtype(str(target).replace("torch.", ""))
+    skip = getattr(sink, "done", set())
+    where = {}
+    for i, j, rows, cols in block_schedule(t.shape[0], t.shape[0], tile, True):
+        if (i, j) in skip:
+            continue
+        fut = client.submit(_scattered_block, x, None, net_f, rows.start, rows.stop,
+                            cols.start, cols.stop, get, str(t.dtype).replace("torch.", ""),
+                            send.name, pure=False)
+        where[fut] = (i, j, rows, cols)
+    bar = progress_bar(len(where), desc if progress else None)
+    for fut in as_completed(list(where)):
+        i, j, rows, cols = where.pop(fut)
+        block = fut.result()
+        fut.release()
+        if sink.wants(i, j, rows, cols):
+            sink.write(rows, cols, {get: torch.from_numpy(block)})
+            sink.finish(i, j, rows, cols)
+        if bar is not None:
+            bar.update()
+    if bar is not None:
+        bar.close()
+
+
+def _dask_kernel_on_client(client, net: Layer, x1: np.ndarray, x2: np.ndarray | None,
+                           chunks: int, get: str, np_dtype):
+    """:func:`dask_kernel` with scattered inputs (see the module docstring)."""
+    import dask
+    import dask.array as da
+
+    from ..layers.tiles import spans
+
+    f1 = _scatter(client, x1)
+    f2 = None if x2 is None else _scatter(client, x2)
+    net_f = client.scatter(net, broadcast=True, hash=False)
+    r_spans = spans(x1.shape[0], chunks)
+    c_spans = r_spans if x2 is None else spans(x2.shape[0], chunks)
+    dtype_name = np.dtype(np_dtype).name
+    grid: list[list] = [[None] * len(c_spans) for _ in r_spans]
+    for i, r in enumerate(r_spans):
+        for j, c in enumerate(c_spans):
+            shape = (r.stop - r.start, c.stop - c.start)
+            if x2 is None and j < i:
+                continue
+            task = dask.delayed(_scattered_block, pure=True)(
+                f1, f2, net_f, r.start, r.stop, c.start, c.stop, get, dtype_name, dtype_name,
+                dask_key_name=f"ntkit-block-{id(grid)}-{i}-{j}")
+            grid[i][j] = da.from_delayed(task, shape=shape, dtype=np_dtype)
+    if x2 is None:
+        for i in range(len(r_spans)):
+            for j in range(i):
+                grid[i][j] = grid[j][i].T  # the mirror of a computed block: no recomputation
+    return da.block(grid)
+
+
 def dask_kernel(net: Layer, X1: Any, X2: Any | None = None, *, chunks: int = 2048,
-                get: str = "ntk", dtype: Any = None):
+                get: str = "ntk", dtype: Any = None, client=None):
     """The ``(N1, N2)`` kernel ``get`` of ``net`` as a lazy ``dask.array``.
 
     Block ``(i, j)`` is ``net.kernel(X1[i-th chunk], X2[j-th chunk])[get]``: the evaluator's
@@ -120,6 +230,10 @@ def dask_kernel(net: Layer, X1: Any, X2: Any | None = None, *, chunks: int = 204
         chunks: rows per block; blocks are ``chunks x chunks``.
         get: ``"ntk"`` or ``"nngp"`` (per-output kernel).
         dtype: ``torch.float64`` (default) or ``torch.float32``.
+        client: a ``dask.distributed.Client``: the inputs (numpy/torch) are scattered once to
+            every worker instead of travelling with the tasks, and a symmetric kernel
+            computes only the blocks on and above the diagonal (the others are their
+            transposes). ``None``: the current scheduler, inputs embedded in the graph.
     Returns:
         A ``dask.array.Array`` of shape ``(N1, N2)`` with numpy blocks.
     """
@@ -129,6 +243,20 @@ def dask_kernel(net: Layer, X1: Any, X2: Any | None = None, *, chunks: int = 204
     get = check_choice(get, "get", KERNEL_CHOICES)
     chunks = check_positive_int(chunks, "chunks")
     dtype = resolve_dtype(dtype)
+    if client is not None:
+        if isinstance(X1, da.Array) or isinstance(X2, da.Array):
+            raise ValueError("client= scatters in-memory inputs (numpy or torch); for a "
+                             "dask.array input call dask_kernel without client= (its blocks "
+                             "are read by the workers themselves).")
+        t1 = as_inputs(X1, "X1", dtype=dtype)
+        t2 = None if X2 is None else as_inputs(X2, "X2", dtype=dtype)
+        if t2 is not None and t2.shape[1] != t1.shape[1]:
+            raise ValueError(f"X1 has {t1.shape[1]} features but X2 has {t2.shape[1]}; both "
+                             "must have the same number of features.")
+        np_dtype = np.float64 if dtype == torch.float64 else np.float32
+        return _dask_kernel_on_client(client, net, t1.cpu().numpy(),
+                                      None if t2 is None else t2.cpu().numpy(), chunks, get,
+                                      np_dtype)
     x1 = _as_dask_inputs(X1, "X1", chunks, dtype)
     x2 = x1 if X2 is None else _as_dask_inputs(X2, "X2", chunks, dtype)
     if x1.shape[1] != x2.shape[1]:

@@ -19,6 +19,8 @@ when the kernel spectrum beyond ``m`` is small against ``μ``, instead of thousa
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -212,13 +214,20 @@ class SolveResult:
 
     Attributes:
         coef: ``α``, shape of ``y`` (``(N,)`` or ``(N, k)``).
-        method: ``"cholesky"`` or ``"cg"``.
+        method: the path that ran: ``"direct"``, ``"dense_cg"``, ``"disk_cg"``,
+            ``"matrix_free_cg"``, or the former ``"cholesky"``/``"cg"``.
         ridge: the absolute ``λ`` added to the diagonal.
         iterations: CG iterations (0 for Cholesky).
         residual: final relative residual ``max_k ‖y − (K + λI)α‖ / ‖y‖`` (CG's recursive
             estimate; the exact value for Cholesky is not computed and is ``0``).
         converged: whether every column reached ``tol``.
         history: relative residual after each CG iteration.
+        plan: the cost model's :class:`~ntkit.scale.plan.SolvePlan` (path, precision, reason,
+            estimates); ``None`` for ``"cholesky"``/``"cg"``.
+        timings: seconds by phase (``kernel``, ``preconditioner``, ``factorise``,
+            ``solve``, ``total``) for the planned paths.
+        details: path-specific figures (for ``"disk_cg"``: bytes read, reader seconds,
+            seconds the arithmetic waited for the reader, the store path).
     """
 
     coef: torch.Tensor
@@ -228,6 +237,9 @@ class SolveResult:
     residual: float = 0.0
     converged: bool = True
     history: list[float] = field(default_factory=list)
+    plan: Any = None
+    timings: dict[str, float] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 def conjugate_gradient(apply_A, b: torch.Tensor, *, preconditioner=None, tol: float = 1e-6,
@@ -269,62 +281,116 @@ def conjugate_gradient(apply_A, b: torch.Tensor, *, preconditioner=None, tol: fl
     return x, it, rel, history
 
 
+NEW_PATHS = ("direct", "dense_cg", "disk_cg", "matrix_free_cg")
+METHODS = ("auto", "cholesky", "cg") + NEW_PATHS
+
+
 def solve(net_or_operator: Layer | LinearKernelOperator | Any, X: Any, y: Any, *,
-          method: str = "cholesky", preconditioner: str | None = None, diag_reg: float = 0.0,
+          method: str = "auto", preconditioner: str | None = None, diag_reg: float = 0.0,
           diag_reg_absolute_scale: bool = False, tol: float = 1e-6, max_iter: int = 1000,
           get: str = "ntk", n_landmarks: int = 1000, tile: int = DEFAULT_TILE,
           seed: int | None = 0, dtype: Any = None, progress: bool = False,
-          callback=None) -> SolveResult:
+          callback=None, memory_budget: int | None = None,
+          store: str | os.PathLike | None = None, client=None) -> SolveResult:
     """Solve the kernel regression system ``(K + λ I) α = y`` with ``K = k(X, X)``.
 
-    Predictions are then ``k(X_test, X) α``.
+    Predictions are then ``k(X_test, X) α`` (:func:`ntkit.scale.predict` computes them in
+    blocks). Every column of ``y`` is solved in the same pass (one factorisation, or one
+    mat-vec per CG iteration for all columns).
+
+    With a network, ``method="auto"`` (default) lets the cost model (:mod:`.plan`) choose
+    among four paths from ``N``, the output count, ``memory_budget`` and the RAM and disk
+    free now; the choice and its reason are logged (logger ``ntkit.scale``, INFO) and kept in
+    ``result.plan``:
+
+    * ``"direct"``: ``K`` in RAM, Cholesky — float64 where ``8 N²`` bytes fit, else a float32
+      factor (``4 N²`` bytes in all) refined to float64 residuals by CG;
+    * ``"dense_cg"``: ``K`` in RAM as float32, Nyström-preconditioned CG in float64;
+    * ``"disk_cg"``: ``K`` in the resumable zarr store ``store/kernel`` (float32), CG
+      streaming its blocks with a prefetching reader; needs ``store``;
+    * ``"matrix_free_cg"``: CG recomputing ``K`` at each iteration (today's ``"cg"``).
+
+    Kernel entries are computed in float64 on every path (rounded once to float32 where the
+    plan stores them so); the CG paths need ``diag_reg > 0``. A forced path that cannot fit
+    is refused (``MemoryError``) before anything is computed.
+
+    Resuming and progress: ``"disk_cg"`` keeps finished kernel blocks (checksummed) and the
+    CG state after every iteration under ``store``; rerunning the same call resumes both.
+    ``"matrix_free_cg"`` checkpoints its CG state there too when ``store`` is given. The
+    in-RAM paths restart from scratch (their kernel is one pass of the evaluator). Kernel
+    blocks show a progress bar with ``progress=True``; each CG iteration's relative residual
+    is logged and passed to ``callback``.
 
     Args:
         net_or_operator: an ntkit network (the kernel is ``net.kernel(X, X)[get]``), an
             operator such as :class:`KernelOperator`/:class:`DenseOperator`, or a dense
-            ``(N, N)`` kernel matrix. With an operator or matrix ``X`` is ignored (pass None).
+            ``(N, N)`` kernel matrix. With an operator or matrix ``X`` is ignored (pass None);
+            ``"auto"`` then means ``"cholesky"`` for a matrix and ``"cg"`` for an operator.
         X: ``(N, d)`` training inputs (with a network).
         y: ``(N,)`` or ``(N, k)`` targets.
-        method: ``"cholesky"`` (forms ``K`` in memory; raises ``MemoryError`` early if it
-            cannot fit) or ``"cg"`` (matrix-free conjugate gradients over tiled mat-vecs).
-        preconditioner: ``None`` or ``"nystrom"`` (CG only; needs ``λ > 0``).
+        method: ``"auto"``, one of the four paths above, or the former names
+            ``"cholesky"`` (forms ``K`` in ``dtype`` and factorises it with torch) and
+            ``"cg"`` (matrix-free CG in ``dtype``, optional ``preconditioner``).
+        preconditioner: ``None`` or ``"nystrom"``, for ``method="cg"`` only (the new CG
+            paths always use Nyström).
         diag_reg: the ridge. By default relative: ``λ = diag_reg · mean(diag K)``
             (neural-tangents' convention); with ``diag_reg_absolute_scale=True``, ``λ =
             diag_reg``.
-        tol: CG stops when ``‖y − (K + λI)α‖ ≤ tol ‖y‖`` for every column.
+        tol: CG stops when the *true* residual ``‖y − (K + λI)α‖ ≤ tol ‖y‖`` for every
+            column (recomputed when the recursion claims convergence).
         max_iter: most CG iterations.
         get: ``"ntk"`` or ``"nngp"``.
         n_landmarks: Nyström landmarks ``m``.
-        tile: kernel tile side.
+        tile: kernel block side (zarr chunk for ``"disk_cg"``).
         seed: seed of the Nyström landmark sample.
-        dtype: ``torch.float64`` (default) or ``torch.float32``.
-        progress: show progress bars.
-        callback: CG only; called as ``callback(iteration, relative_residual)`` after each
-            iteration (for logging long solves).
+        dtype: arithmetic of the kernel entries, ``torch.float64`` (default) or
+            ``torch.float32``.
+        progress: show progress bars over kernel blocks.
+        callback: CG only; ``callback(iteration, relative_residual)`` after each iteration.
+        memory_budget: most bytes of RAM the plan may use (the free RAM caps it anyway).
+        store: a directory for the out-of-core kernel and CG checkpoints.
+        client: a ``dask.distributed.Client``: kernel blocks of the ``"direct"``,
+            ``"dense_cg"`` and ``"disk_cg"`` paths are computed on its workers (inputs
+            scattered once) and gathered here.
     Returns:
-        :class:`SolveResult`; ``coef`` is ``α`` with ``y``'s shape, on the kernel's device.
+        :class:`SolveResult`; ``coef`` is ``α`` with ``y``'s shape, float64 for the new paths;
+        ``plan`` says which path ran and why.
     """
-    method = check_choice(method, "method", ("cholesky", "cg"))
+    method = check_choice(method, "method", METHODS)
     check_choice(preconditioner, "preconditioner", (None, "nystrom"))
     if preconditioner is not None and method != "cg":
-        raise ValueError("preconditioner='nystrom' applies to method='cg'; with "
-                         "method='cholesky' pass preconditioner=None.")
+        raise ValueError("preconditioner='nystrom' applies to method='cg'; the other methods "
+                         "choose their own (pass preconditioner=None).")
     tol = check_nonnegative(tol, "tol")
     max_iter = check_positive_int(max_iter, "max_iter", minimum=0)
 
     if isinstance(net_or_operator, Layer):
         if X is None:
             raise ValueError("X is None; a network needs the (N, d) training inputs X.")
+        if method not in ("cholesky", "cg"):
+            return _solve_planned(net_or_operator, X, y, method=method, diag_reg=diag_reg,
+                                  absolute=diag_reg_absolute_scale, tol=tol,
+                                  max_iter=max_iter, get=check_get(get),
+                                  n_landmarks=check_positive_int(n_landmarks, "n_landmarks"),
+                                  tile=check_positive_int(tile, "tile"), seed=seed,
+                                  dtype=resolve_dtype(dtype), progress=progress,
+                                  callback=callback, memory_budget=memory_budget,
+                                  store=store, client=client)
         op = KernelOperator(net_or_operator, X, get=get, tile=tile, dtype=dtype,
                             progress=progress)
     elif isinstance(net_or_operator, (np.ndarray, torch.Tensor)):
         op = DenseOperator(net_or_operator, dtype=dtype)
+        method = {"auto": "cholesky", "direct": "cholesky"}.get(method, method)
     elif all(hasattr(net_or_operator, a) for a in ("matmul", "diagonal", "shape")):
         op = net_or_operator
+        method = {"auto": "cg", "matrix_free_cg": "cg"}.get(method, method)
     else:
         raise ValueError("net_or_operator must be an ntkit network, a kernel operator (with "
                          "matmul/diagonal/shape) or a dense (N, N) kernel matrix; got "
                          f"{type(net_or_operator).__name__}.")
+    if method not in ("cholesky", "cg"):
+        raise ValueError(f"method={method!r} needs a network (it computes the kernel itself); "
+                         "with a kernel matrix or operator use 'cholesky' or 'cg'.")
     Y, vec = as_targets(y, "y", op.shape[0], dtype=op.dtype, device=op.device)
     result = solve_validated(op, Y, method=method,
                              preconditioner=preconditioner, diag_reg=diag_reg,
@@ -333,6 +399,124 @@ def solve(net_or_operator: Layer | LinearKernelOperator | Any, X: Any, y: Any, *
                              progress=progress, callback=callback)
     if vec:
         result.coef = result.coef[:, 0]
+    return result
+
+
+def _count_dense(layer: Any, seen: set | None = None) -> int:
+    """Dense layers in a network (the kernel-cost estimate's depth)."""
+    from ..layers.dense import Dense
+
+    if isinstance(layer, Dense):
+        return 1
+    seen = set() if seen is None else seen
+    if id(layer) in seen:
+        return 0
+    seen.add(id(layer))
+    total = 0
+    children = list(vars(layer).values()) if hasattr(layer, "__dict__") else []
+    for child in children:
+        for item in (child if isinstance(child, (list, tuple)) else (child,)):
+            if isinstance(item, Layer):
+                total += _count_dense(item, seen)
+    return total
+
+
+def _solve_planned(net: Layer, X: Any, y: Any, *, method: str, diag_reg: float,
+                   absolute: bool, tol: float, max_iter: int, get: str, n_landmarks: int,
+                   tile: int, seed: int | None, dtype: torch.dtype, progress: bool, callback,
+                   memory_budget: int | None, store, client) -> SolveResult:
+    """:func:`solve` with a network along the path the cost model picks (or ``method``)."""
+    import time
+    from pathlib import Path
+
+    from . import paths
+    from .plan import plan_solve
+
+    t = as_inputs(X, "X", dtype=dtype)
+    n, d = t.shape
+    Y, vec = as_targets(y, "y", n, dtype=torch.float64, device=t.device)
+    diag_reg = check_nonnegative(diag_reg, "diag_reg")
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    diag = net.kernel(t, get=get, diagonal=True, dtype=dtype)[get].to(torch.float64)
+    ridge = resolve_ridge(diag_reg, diag, absolute)
+    plan = plan_solve(n, Y.shape[1], n_features=d, depth=max(1, _count_dense(net)),
+                      method=method, memory_budget=memory_budget, store=store,
+                      ridge_positive=ridge > 0, n_landmarks=n_landmarks, tile=tile)
+    if t.device.type != "cpu" and plan.path in ("direct", "disk_cg"):
+        raise ValueError(f"The {plan.path!r} path runs on the CPU (LAPACK / zarr); move X to "
+                         "the CPU or pass method='dense_cg' or 'matrix_free_cg'.")
+    details: dict[str, Any] = {}
+    precond = None
+    checkpoint = None
+    key = paths.store_fingerprint_key(Y, ridge, tol, (n, get, tile, n_landmarks, seed))
+    if plan.path == "direct":
+        storage = torch.float64 if plan.precision == "float64" else torch.float32
+        K = paths.fill_dense(net, t, get, storage, tile, progress, client)
+        timings["kernel"] = time.perf_counter() - t0
+        out = paths.solve_direct(K, Y, ridge, tol, max_iter, callback)
+        del K
+        timings.update(out.timings)
+        coef, its, residual, converged, history = (out.coef, out.iterations, out.residual,
+                                                   out.converged, out.history)
+    else:
+        if plan.path == "dense_cg":
+            K = paths.fill_dense(net, t, get, torch.float32, tile, progress, client)
+            op = paths.DenseFloat32Kernel(K)
+            columns_op = op
+        elif plan.path == "disk_cg":
+            from .store import kernel_to_zarr
+
+            root = Path(store)
+            root.mkdir(parents=True, exist_ok=True)
+            arr = kernel_to_zarr(net, t, None, get, tile, root / "kernel", True, progress,
+                                 storage=torch.float32, client=client)
+            op = paths.ZarrKernel(arr, tile)
+            columns_op = KernelOperator.from_validated(net, t, get=get, tile=tile)
+            checkpoint = root / "cg_checkpoint.pt"
+            key += str(arr.attrs.get("ntkit_fingerprint"))
+        else:
+            op = KernelOperator.from_validated(net, t, get=get, tile=tile, progress=progress)
+            columns_op = op
+            if store is not None:
+                Path(store).mkdir(parents=True, exist_ok=True)
+                checkpoint = Path(store) / "cg_checkpoint.pt"
+        timings["kernel"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        precond = NystromPreconditioner(columns_op, ridge, n_landmarks, seed=seed)
+        if precond.C.dtype != torch.float64:
+            precond.C, precond.R = precond.C.double(), precond.R.double()
+            precond.scale = precond.scale.double()
+        timings["preconditioner"] = time.perf_counter() - t1
+        t1 = time.perf_counter()
+
+        def apply_A(v: torch.Tensor) -> torch.Tensor:
+            return op.matmul(v).to(torch.float64) + ridge * v
+
+        apply_true = None
+        if plan.path == "dense_cg":  # fast float32 products, exact residuals: refinement
+            def apply_true(v: torch.Tensor) -> torch.Tensor:
+                return op.matmul_exact(v) + ridge * v
+
+        coef, its, rel, history = paths.pcg(apply_A, Y, preconditioner=precond, tol=tol,
+                                            max_iter=max_iter, callback=callback,
+                                            checkpoint=checkpoint, checkpoint_key=key,
+                                            apply_true=apply_true)
+        timings["solve"] = time.perf_counter() - t1
+        residual, converged = float(rel.max()), bool((rel <= tol).all())
+        if plan.path == "disk_cg":
+            details.update(bytes_read=op.bytes_read, read_seconds=op.read_seconds,
+                           wait_seconds=op.wait_seconds, store=str(Path(store) / "kernel"))
+        if plan.path == "dense_cg":
+            del K, op
+    timings["total"] = time.perf_counter() - t0
+    result = SolveResult(coef=coef[:, 0] if vec else coef, method=plan.path, ridge=ridge,
+                         iterations=its, residual=residual, converged=converged,
+                         history=history, plan=plan, timings=timings, details=details)
+    if not converged:
+        logging.getLogger("ntkit.scale").warning(
+            "ntkit.scale.solve (%s) stopped after %d iterations at relative residual %.2e "
+            "(tol %.0e).", plan.path, its, residual, tol)
     return result
 
 

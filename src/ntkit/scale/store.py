@@ -120,6 +120,7 @@ def _tile_intact(arr, i: int, j: int, rows: slice, cols: slice, symmetric: bool,
 
 def _open_or_create(path: Path, n1: int, n2: int, tile: int, dtype: torch.dtype,
                     fp: Fingerprint, resume: bool):
+    """The zarr array at ``path``, resumed or new; ``dtype`` is the *storage* dtype."""
     import zarr
 
     attrs = _describe_existing(path)
@@ -156,9 +157,11 @@ def _open_or_create(path: Path, n1: int, n2: int, tile: int, dtype: torch.dtype,
 
 
 def _store_fingerprint(net: Layer, X1: torch.Tensor, X2: torch.Tensor | None, get: str,
-                       tile: int, dtype: torch.dtype) -> Fingerprint:
+                       tile: int, dtype: torch.dtype,
+                       storage: torch.dtype | None = None) -> Fingerprint:
     """What determines the stored numbers: inputs (bytes), network (see
-    :mod:`ntkit._fingerprint`), kernel, tiling and dtype."""
+    :mod:`ntkit._fingerprint`), kernel, tiling, dtype (of the arithmetic) and, when it
+    differs, the storage dtype."""
     h = hashlib.sha256()
     for t in (X1,) if X2 is None else (X1, X2):
         arr = t.detach().cpu().contiguous().numpy()
@@ -166,7 +169,10 @@ def _store_fingerprint(net: Layer, X1: torch.Tensor, X2: torch.Tensor | None, ge
         h.update(arr.tobytes())
     net_fp = fingerprint(net, "net")
     h.update(net_fp.digest.encode())
-    h.update(json.dumps([get, tile, str(dtype), X2 is None, _FORMAT_VERSION]).encode())
+    fields = [get, tile, str(dtype), X2 is None, _FORMAT_VERSION]
+    if storage is not None and storage != dtype:  # older stores keep their fingerprints
+        fields.append(f"stored as {storage}")
+    h.update(json.dumps(fields).encode())
     return Fingerprint(h.hexdigest(), net_fp.opaque)
 
 
@@ -242,13 +248,21 @@ def _verified_blocks(arr, progress_dir: Path, n1: int, n2: int, tile: int, symme
 
 
 def kernel_to_zarr(net: Layer, t1: torch.Tensor, t2: torch.Tensor | None, get: str,
-                   tile: int, path: Path, resume: bool, progress: bool):
+                   tile: int, path: Path, resume: bool, progress: bool,
+                   storage: torch.dtype | None = None, client=None):
     """:func:`ntkit.scale.kernel_matrix` with ``out=path``, for validated inputs: the zarr
-    array, complete, with ``tile x tile`` chunks (= the evaluator's blocks)."""
+    array, complete, with ``tile x tile`` chunks (= the evaluator's blocks).
+
+    ``storage``: the array's dtype when it differs from the inputs' (float64 arithmetic
+    stored as float32: each entry rounded once; the out-of-core solve). ``client``: compute
+    the blocks on a ``dask.distributed.Client`` (inputs scattered once); this process
+    writes, verifies and marks them as they arrive.
+    """
     symmetric = t2 is None
     n1, n2 = t1.shape[0], (t1 if symmetric else t2).shape[0]
-    fp = _store_fingerprint(net, t1, t2, get, tile, t1.dtype)
-    arr = _open_or_create(path, n1, n2, tile, t1.dtype, fp, resume)
+    storage = t1.dtype if storage is None else storage
+    fp = _store_fingerprint(net, t1, t2, get, tile, t1.dtype, storage)
+    arr = _open_or_create(path, n1, n2, tile, storage, fp, resume)
     progress_dir = path / _PROGRESS_DIR
     done, total, damaged = _verified_blocks(arr, progress_dir, n1, n2, tile, symmetric)
     if damaged:
@@ -258,8 +272,14 @@ def kernel_to_zarr(net: Layer, t1: torch.Tensor, t2: torch.Tensor | None, get: s
     if len(done) < total and arr.attrs.get("ntkit_complete"):
         arr.attrs["ntkit_complete"] = False
     sink = ZarrSink(arr, progress_dir, symmetric, done)
-    evaluate(net, t1, t2, (get,), sink, block=tile, labels=("X1", "X2"),
-             progress=f"{get} kernel -> {path.name}" if progress else None)
+    if client is not None and symmetric:
+        from .distributed import client_blocks
+
+        client_blocks(client, net, t1, get, sink, tile, progress,
+                      f"{get} kernel -> {path.name}")
+    else:
+        evaluate(net, t1, t2, (get,), sink, block=tile, labels=("X1", "X2"),
+                 progress=f"{get} kernel -> {path.name}" if progress else None)
     if not arr.attrs.get("ntkit_complete"):
         arr.attrs["ntkit_complete"] = True
     return arr
