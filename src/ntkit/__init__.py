@@ -12,9 +12,9 @@ module, its empirical NTK.
 from .kernels import Kernels
 from .kernels import (MemoryBudgetError, MonteCarloKernels, NTKParts, empirical_nngp,
                       empirical_ntk, monte_carlo_kernel)
-from .layers import (ABReLU, Abs, Cos, Dense, Elementwise, Erf, FanInSum, FanOut, GELU,
-                     Identity, Layer, LayerNorm, LeakyReLU, ReLU, SiLU, Sigmoid, Sin, Softplus,
-                     Tanh, mlp, parallel, serial)
+from .layers import (ABReLU, Abs, AvgPool, Conv, Cos, Dense, Elementwise, Erf, FanInSum, FanOut,
+                     Flatten, GELU, GlobalAvgPool, Identity, Layer, LayerNorm, LeakyReLU, ReLU,
+                     SiLU, Sigmoid, Sin, Softplus, Tanh, cnn, mlp, myrtle, parallel, serial)
 from . import datasets, spectral
 from . import predict  # nk.predict.gradient_descent_mse, .ensemble, .gp_inference, ...
 from .dynamics import LinearizedModule, TrainHistory, linearize, train
@@ -30,6 +30,8 @@ __all__ = [
     "ABReLU", "Abs", "Cos", "Dense", "Elementwise", "Erf", "FanInSum", "FanOut", "GELU",
     "Identity", "Layer", "LayerNorm", "LeakyReLU", "ReLU", "SiLU", "Sigmoid", "Sin",
     "Softplus", "Tanh", "mlp", "parallel", "serial",
+    # convolutional networks
+    "AvgPool", "Conv", "Flatten", "GlobalAvgPool", "cnn", "myrtle",
     # kernels
     "Kernels", "MemoryBudgetError", "MonteCarloKernels", "NTKParts", "empirical_nngp",
     "empirical_ntk", "monte_carlo_kernel",

@@ -107,15 +107,19 @@ def check_finite(t: torch.Tensor, name: str) -> None:
 
 
 def as_inputs(x: Tensorish, name: str, *, dtype: torch.dtype | None = None,
-              device: torch.device | str | None = None) -> torch.Tensor:
-    """Validate a batch of fully connected inputs: a finite, non-empty ``(N, d)`` array."""
+              device: torch.device | str | None = None, images: bool = False) -> torch.Tensor:
+    """Validate a batch of inputs: a finite, non-empty ``(N, d)`` array, or with
+    ``images=True`` also images ``(N, C, H, W)`` and sequences ``(N, C, L)``."""
+    expected = "(N, d), (N, C, L) or (N, C, H, W)" if images else "(N, d)"
     if x is None:
-        raise ValueError(f"{name} is None; expected an array of shape (N, d).")
+        raise ValueError(f"{name} is None; expected an array of shape {expected}.")
     t = as_tensor(x, name, dtype=dtype, device=device)
-    if t.ndim != 2:
+    if t.ndim not in ((2, 3, 4) if images else (2,)):
         hint = " (a single example needs shape (1, d))" if t.ndim == 1 else ""
-        raise ValueError(f"{name} must have shape (N, d); got shape {tuple(t.shape)}{hint}.")
-    if t.shape[0] == 0 or t.shape[1] == 0:
+        if images and t.ndim == 5:
+            hint = " (3-d volumes are not supported)"
+        raise ValueError(f"{name} must have shape {expected}; got shape {tuple(t.shape)}{hint}.")
+    if t.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(t.shape)}); need at least one row and "
                          "one feature.")
     check_finite(t, name)
@@ -127,16 +131,22 @@ def as_input_pair(x1: Tensorish, x2: Tensorish | None, *, dtype: torch.dtype | N
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Validate ``x1`` and (optionally) ``x2``; ``x2`` follows ``x1``'s device.
 
-    ``names`` are the argument names used in error messages (e.g. ``("X1", "X2")``).
+    Rows are flat features ``(N, d)``, images ``(N, C, H, W)`` or sequences ``(N, C, L)``;
+    ``x2`` must have ``x1``'s shape per row. ``names`` are the argument names used in
+    error messages (e.g. ``("X1", "X2")``).
     """
     name1, name2 = names
-    t1 = as_inputs(x1, name1, dtype=dtype)
+    t1 = as_inputs(x1, name1, dtype=dtype, images=True)
     if x2 is None:
         return t1, None
-    t2 = as_inputs(x2, name2, dtype=dtype, device=t1.device)
-    if t2.shape[1] != t1.shape[1]:
+    t2 = as_inputs(x2, name2, dtype=dtype, device=t1.device, images=True)
+    if t1.ndim == 2 and t2.ndim == 2 and t2.shape[1] != t1.shape[1]:
         raise ValueError(f"{name1} has {t1.shape[1]} features but {name2} has {t2.shape[1]}; "
                          "both must have the same feature dimension.")
+    if t2.shape[1:] != t1.shape[1:]:
+        what = "(C, H, W)" if t1.ndim == 4 else "(C, L)" if t1.ndim == 3 else "features"
+        raise ValueError(f"{name1} has rows of shape {tuple(t1.shape[1:])} but {name2} has "
+                         f"{tuple(t2.shape[1:])}; both must have the same {what}.")
     return t1, t2
 
 

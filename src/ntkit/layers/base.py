@@ -32,16 +32,18 @@ from typing import Any, Sequence
 import torch
 
 from .evaluate import Kernels, analytic_kernel
-from .state import KernelState, PairKernel
+from .state import KernelState, PairKernel, is_branches
 
-__all__ = ["KernelState", "Layer", "PairKernel"]
+__all__ = ["KernelState", "Layer", "PairKernel", "is_branches"]
 
 
 class Layer:
     """Base class of every ntkit layer and network (a ``serial`` is a layer too)."""
 
-    #: the feature dimension this layer maps to, given the input dimension
     def out_dim(self, in_dim: Any) -> Any:
+        """The feature dimension this layer maps to, given the input's: an int for flat
+        features, a ``torch.Size`` ``(C, H, W)`` (or ``(C, L)``) for images (sequences), a
+        tuple of those after ``FanOut``. Raises ValueError for one it cannot take."""
         return in_dim
 
     def kernel_map(self, k: KernelState) -> KernelState:  # pragma: no cover - abstract
@@ -71,26 +73,56 @@ class Layer:
         """
         return layout
 
+    def required_layout(self, layout: Any) -> Any:
+        """The layout this layer needs of its input, given the one ``layout`` that the rest
+        of the network needs of its output: the evaluator's backward question, asked once
+        (``serial`` folds it from the last layer to the first) to pick the cheapest state
+        that serves the whole network.
+
+        The answers are ordered ``"dense"`` < ``"pixels"`` < ``"pixel_pairs"`` (each
+        carries what the previous one does): a ``Flatten`` readout needs ``"pixels"``, a
+        convolution passes its output's need through (it maps same-pixel entries to
+        same-pixel entries), pooling needs ``"pixel_pairs"`` whatever follows, Dense needs
+        ``"dense"``. After ``FanOut`` the need is a tuple (one per branch). The default
+        passes the need through, as every map that is elementwise in the entries does.
+        """
+        return layout
+
     def build(self, in_dim: Any, generator: torch.Generator | None, dtype: torch.dtype,
               device: torch.device | None) -> torch.nn.Module:  # pragma: no cover - abstract
         raise NotImplementedError
 
     # ----------------------------------------------------------------- the three views
-    def module(self, in_dim: int, seed: int | None = None, *, dtype: torch.dtype | None = None,
+    def module(self, in_dim: int | None = None, seed: int | None = None, *,
+               in_shape: Sequence[int] | None = None, dtype: torch.dtype | None = None,
                device: torch.device | str | None = None) -> torch.nn.Module:
         """View 1: a finite-width ``torch.nn.Module`` initialised as the parameterization says.
 
         Args:
-            in_dim: number of input features.
+            in_dim: number of input features (flat inputs ``(N, in_dim)``).
             seed: seed of a private ``torch.Generator``; ``None`` uses torch's global RNG.
+            in_shape: instead of ``in_dim``, the shape of one input: ``(C, H, W)`` for images
+                ``(N, C, H, W)``, ``(C, L)`` for sequences (convolutional networks).
             dtype: parameter dtype (default: ``torch.get_default_dtype()``).
             device: parameter device (default: CPU).
         Returns:
-            A module mapping ``(N, in_dim)`` inputs to ``(N, out_dim)`` outputs.
+            A module mapping ``(N, in_dim)`` (or ``(N, *in_shape)``) inputs to
+            ``(N, out_dim)`` outputs.
         """
         from .._validation import check_positive_int
 
-        check_positive_int(in_dim, "in_dim")
+        if (in_dim is None) == (in_shape is None):
+            raise ValueError("module() needs exactly one of in_dim (flat inputs, an int) and "
+                             "in_shape ((C, H, W) images or (C, L) sequences).")
+        if in_shape is not None:
+            shape = tuple(in_shape) if not isinstance(in_shape, int) else (in_shape,)
+            if len(shape) not in (1, 2, 3):
+                raise ValueError(f"in_shape must be (d,), (C, L) or (C, H, W); got {in_shape!r}.")
+            shape = tuple(check_positive_int(n, "in_shape") for n in shape)
+            in_dim = shape[0] if len(shape) == 1 else torch.Size(shape)
+        else:
+            check_positive_int(in_dim, "in_dim")
+        self.out_dim(in_dim)  # shapes checked before any parameter is drawn
         generator = None
         if seed is not None:
             generator = torch.Generator(device="cpu")
@@ -105,14 +137,18 @@ class Layer:
         """View 2: the analytic infinite-width kernels.
 
         Args:
-            x1: ``(N1, d)`` inputs (tensor or array). The result lives on ``x1``'s device.
-            x2: ``(N2, d)`` inputs, or ``None`` for ``x2 = x1`` (computed once, mirrored,
-                exactly symmetric).
+            x1: ``(N1, d)`` inputs (tensor or array), or images ``(N1, C, H, W)`` /
+                sequences ``(N1, C, L)`` for a convolutional network. The result lives on
+                ``x1``'s device.
+            x2: ``(N2, ...)`` inputs of the same shape per row, or ``None`` for ``x2 = x1``
+                (computed once, mirrored, exactly symmetric).
             get: ``"nngp"``, ``"ntk"`` or both.
             diagonal: if True, return only ``k(x, x)`` for each row of ``x1``, shape ``(N1,)``,
                 in O(N1 d) time.
             dtype: ``torch.float64`` (default) or ``torch.float32`` (opt-in, for speed).
-            memory_budget: bytes of workspace for the tiles (default: a cache-sized tile).
+            memory_budget: bytes of workspace for the tiles (default: a cache-sized tile;
+                for images the tile is sized in pairs × entries per pair, see
+                :mod:`ntkit.layers.state` for what each layout costs).
         Returns:
             :class:`~ntkit.kernels.Kernels` with ``.nngp`` and ``.ntk``, each
             ``(N1, N2)`` (or ``(N1,)``): the per-output kernel; the full kernel over

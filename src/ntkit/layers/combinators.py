@@ -15,10 +15,10 @@ import torch
 
 from .._validation import check_choice, check_nonnegative, check_positive_int
 from .activations import activation_from_name
-from .base import Layer
+from .base import Layer, is_branches
 from .dense import PARAMETERIZATIONS, Dense
 from .state import (NonGaussianInputError, PairKernel, all_gaussian, is_zero_mean,
-                    require_dense)
+                    require_dense, strongest)
 
 
 @dataclass(frozen=True, repr=False)
@@ -45,6 +45,11 @@ class Serial(Layer):
     def kernel_layout(self, layout):
         for layer in self.layers:
             layout = layer.kernel_layout(layout)
+        return layout
+
+    def required_layout(self, layout):
+        for layer in reversed(self.layers):
+            layout = layer.required_layout(layout)
         return layout
 
     def kernel_map(self, k):
@@ -89,6 +94,10 @@ class FanOut(Layer):
     def kernel_layout(self, layout):
         return (layout,) * self.n
 
+    def required_layout(self, layout):
+        # One state feeds every branch: it must carry what the most demanding one needs.
+        return strongest(layout)
+
     def kernel_map(self, k):
         return (k,) * self.n
 
@@ -115,7 +124,7 @@ class Parallel(Layer):
         object.__setattr__(self, "branches", branches)
 
     def _check(self, inputs: Any) -> None:
-        if not isinstance(inputs, tuple):
+        if not is_branches(inputs):
             raise ValueError("parallel() needs several inputs; put FanOut(n) before it.")
         if len(inputs) != len(self.branches):
             raise ValueError(f"parallel() has {len(self.branches)} branches but received "
@@ -128,6 +137,11 @@ class Parallel(Layer):
     def kernel_layout(self, layout):
         self._check(layout)
         return tuple(b.kernel_layout(lay) for b, lay in zip(self.branches, layout))
+
+    def required_layout(self, layout):
+        needs = layout if is_branches(layout) else (layout,) * len(self.branches)
+        self._check(needs)
+        return tuple(b.required_layout(n) for b, n in zip(self.branches, needs))
 
     def kernel_map(self, k):
         self._check(k)
@@ -162,14 +176,14 @@ class FanInSum(Layer):
     """
 
     def out_dim(self, in_dim):
-        if not isinstance(in_dim, tuple):
+        if not is_branches(in_dim):
             return in_dim
         if len(set(in_dim)) != 1:
             raise ValueError(f"FanInSum() needs branches of equal width; got {list(in_dim)}.")
         return in_dim[0]
 
     def kernel_layout(self, layout):
-        if not isinstance(layout, tuple):
+        if not is_branches(layout):
             return layout
         if len(set(layout)) != 1:
             raise ValueError(f"FanInSum() needs branches of the same kernel layout; got "
@@ -309,7 +323,7 @@ class LayerNorm(Layer):
 
 
 def _single_branch(state: Any) -> None:
-    if isinstance(state, tuple):
+    if is_branches(state):
         raise ValueError("LayerNorm() received several branches; use FanInSum() first.")
 
 

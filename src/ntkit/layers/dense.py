@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from .._validation import check_choice, check_positive_int, check_scale
-from .base import Layer
-from .state import PairKernel, require_dense
+from .base import Layer, is_branches
+from .state import DENSE, PairKernel, require_dense
 
 PARAMETERIZATIONS = ("ntk", "standard")
 
@@ -69,7 +69,14 @@ class Dense(Layer):
 
     def out_dim(self, in_dim):
         _single_branch(in_dim)
+        if isinstance(in_dim, torch.Size):
+            raise ValueError(
+                f"{self!r} needs flat features, but it receives images or sequences of shape "
+                f"{tuple(in_dim)} (C, H, W). Put nk.Flatten() or nk.GlobalAvgPool() before it.")
         return self.features
+
+    def required_layout(self, layout):
+        return DENSE
 
     def kernel_layout(self, layout):
         _single_branch(layout)
@@ -115,7 +122,7 @@ class Dense(Layer):
 
 def _single_branch(state) -> None:
     """Refuse a tuple of branch dims, layouts or states (after FanOut, before FanInSum)."""
-    if isinstance(state, tuple):
+    if is_branches(state):
         raise ValueError("Dense received several branches; combine them with FanInSum() "
                          "first.")
 

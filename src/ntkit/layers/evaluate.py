@@ -2,7 +2,16 @@
 
 It folds the network's ``kernel_map`` over :class:`~ntkit.layers.state.PairKernel` tiles and
 asks the network (never its type) what it needs to know: ``uses_quadrature`` for the tile
-size, ``kernel_layout`` to refuse a network that cannot consume the inputs' dense layout.
+size, ``required_layout`` (backward: the cheapest kernel-state layout that serves every
+layer; for images ``"pixels"`` when the readout is ``Flatten`` and nothing pools,
+``"pixel_pairs"`` when anything pools) and ``kernel_layout`` (forward: refuse, before any
+tile, a network that cannot consume the inputs or does not end with one covariance per pair).
+
+Images ``(N, C, H, W)`` and sequences ``(N, C, L)``: the input covariance is the per-pixel
+channel mean ``Σ_c x_cp x'_cq / C``, and tiles are sized in *pairs × entries per pair*
+(``H·W`` for ``"pixels"``, ``(H·W)²`` plus the tile's self covariances for
+``"pixel_pairs"``), so nothing of size ``N² (H·W)²`` is ever allocated; a budget that cannot
+hold one pair raises, naming what to change.
 It lives beside the layers so that ``Layer.kernel`` needs nothing from ``ntkit.kernels``;
 ``ntkit.kernels.analytic`` re-exports it.
 
@@ -27,8 +36,8 @@ import torch
 
 from .._validation import (_describe_rows, as_input_pair, available_memory, format_bytes,
                            resolve_dtype)
-from .state import DENSE, PairKernel
-from .tiles import Sink, TensorSink, block_schedule, progress_bar, tile_schedule
+from .state import DENSE, PIXEL_PAIRS, PIXELS, PairKernel, is_branches, strongest
+from .tiles import Sink, TensorSink, block_schedule, progress_bar, spans, tile_schedule
 
 if TYPE_CHECKING:
     from .base import Layer
@@ -37,6 +46,10 @@ KERNEL_NAMES = ("nngp", "ntk")
 # Bytes of elementwise workspace per tile entry: about a dozen live temporaries per layer.
 _WORKSPACE_FACTOR = 16
 _DEFAULT_TILE = 512
+# Default tile of a spatial layout, in entries of one tensor (16 MiB in float64): pixel-pair
+# tiles cannot be cache-sized (one pair of 14x14 images is 300 KB), and the self covariances
+# of a B x B tile add 2/B of its work, so a few dozen pairs balance both.
+_SPATIAL_TILE_ENTRIES = 1 << 21
 
 
 @dataclass
@@ -65,6 +78,7 @@ def normalize_get(get: str | Sequence[str]) -> tuple[str, ...]:
 
 
 def _tile_size(memory_budget: int | None, n_kernels: int, itemsize: int, heavy: bool) -> int:
+    """The side of a square tile of input pairs in the ``"dense"`` layout."""
     if memory_budget is None:
         return 256 if heavy else _DEFAULT_TILE
     per_entry = _WORKSPACE_FACTOR * (n_kernels + 1) * itemsize * (64 if heavy else 1)
@@ -73,6 +87,68 @@ def _tile_size(memory_budget: int | None, n_kernels: int, itemsize: int, heavy: 
         raise ValueError(f"memory_budget={memory_budget} bytes is too small for even one "
                          f"kernel entry ({per_entry} bytes); raise it.")
     return side
+
+
+def _spatial_tile_size(memory_budget: int | None, n_kernels: int, itemsize: int, heavy: bool,
+                       layout: str, per_pair: int, spatial: tuple[int, ...]) -> int:
+    """The side ``b`` of a square tile of image pairs in a spatial layout: ``per_pair``
+    entries per pair (``|S|``); a ``"pixel_pairs"`` tile also holds the ``2b`` self
+    covariances of its images, so it costs ``(b² + 2b)·|S|`` entries per tensor."""
+    extra = 2 if layout == PIXEL_PAIRS else 0
+    if memory_budget is None:
+        target = _SPATIAL_TILE_ENTRIES // (4 if heavy else 1)
+        return max(1, _largest_side(target / per_pair, extra))
+    per_pair_bytes = (_WORKSPACE_FACTOR * (n_kernels + 1) * itemsize * (64 if heavy else 1)
+                      * per_pair)
+    side = _largest_side(max(memory_budget, 1) / per_pair_bytes, extra)
+    if side < 1:
+        need = per_pair_bytes * (1 + extra)
+        what = ("every pixel pair's covariance, which pooling needs" if layout == PIXEL_PAIRS
+                else "each pixel's covariance")
+        raise ValueError(
+            f"memory_budget={memory_budget} bytes cannot hold one tile: one pair of inputs of "
+            f"spatial size {'x'.join(map(str, spatial))} needs {format_bytes(need)} of "
+            f"workspace in the {layout!r} layout ({per_pair} entries per pair: {what}). "
+            f"Raise memory_budget to at least {need}, or use smaller images (downsample)"
+            + (", or read out by Flatten() instead of pooling (H·W entries per pair)."
+               if layout == PIXEL_PAIRS else "."))
+    return side
+
+
+def _largest_side(pairs: float, extra: int) -> int:
+    """The largest ``b`` with ``b² + extra·b <= pairs``."""
+    b = int(math.sqrt(pairs + extra * extra / 4) - extra / 2)
+    while b > 0 and b * b + extra * b > pairs:
+        b -= 1
+    while (b + 1) ** 2 + extra * (b + 1) <= pairs:
+        b += 1
+    return b
+
+
+def input_layout(net: Layer, t: torch.Tensor) -> str:
+    """The kernel-state layout of ``net``'s inputs ``t``, checked against the network.
+
+    Flat rows ``(N, d)`` give ``"dense"``. Images and sequences give ``"pixel_pairs"`` if
+    some layer needs every pixel pair (``net.required_layout``, asked from the readout
+    backwards), else ``"pixels"``; their shape is checked through the network
+    (``net.out_dim``: windows that do not fit, kernel sizes of the wrong dimension). Raises
+    ValueError, before any tile, for a network that cannot consume the layout or does not end
+    with one covariance per pair of inputs.
+    """
+    if t.dim() == 2:
+        layout = DENSE
+    else:
+        layout = PIXEL_PAIRS if strongest(net.required_layout(DENSE)) == PIXEL_PAIRS else PIXELS
+        net.out_dim(torch.Size(t.shape[1:]))
+    out = net.kernel_layout(layout)
+    if is_branches(out):
+        raise ValueError(f"The network ends with {len(out)} branches; end it with FanInSum().")
+    if out != DENSE:
+        raise ValueError(
+            f"The network ends with per-pixel covariances ({out!r} layout) of inputs of shape "
+            f"{tuple(t.shape[1:])}: end it with nk.Flatten() or nk.GlobalAvgPool() and a "
+            "Dense readout, so that each pair of inputs gets one kernel value.")
+    return layout
 
 
 def _final(state: Any) -> PairKernel:
@@ -167,7 +243,8 @@ def _overflow_error(net: Layer, names: tuple[str, ...], dtype: torch.dtype,
         with torch.no_grad():
             diag = _diagonal_kernels(net, t.detach(), names)
         # The input's own Gram entry, then what the network makes of it.
-        bad = ~torch.isfinite(torch.linalg.vecdot(t.detach(), t.detach()) / t.shape[1])
+        flat = t.detach().reshape(t.shape[0], -1)
+        bad = ~torch.isfinite(torch.linalg.vecdot(flat, flat) / flat.shape[1])
         for name in names:
             bad |= ~torch.isfinite(getattr(diag, name))
         rows = bad.nonzero().flatten()
@@ -196,17 +273,71 @@ def _overflow_error(net: Layer, names: tuple[str, ...], dtype: torch.dtype,
         f"{torch.finfo(dtype).max:.3g}).{scale} To fix it, {remedy}.")
 
 
-def _diagonal_kernels(net: Layer, t1: torch.Tensor, names: tuple[str, ...]) -> Kernels:
-    """``k(x, x)`` for each row of ``t1``: ``(N,)`` kernels in O(N d)."""
-    n0 = t1.shape[1]
-    var = (t1 * t1).sum(dim=1) / n0
-    mean = t1.sum(dim=1) / n0  # per-row feature means: LayerNorm centres by them
-    state = PairKernel(cov=var, var1=var, var2=var,
-                       ntk=torch.zeros_like(var) if "ntk" in names else None, width=n0,
-                       diagonal=True, mean1=mean, mean2=mean, gaussian=False)
-    final = _final(net.kernel_map(state))
-    return Kernels(nngp=final.cov if "nngp" in names else None,
-                   ntk=final.ntk if "ntk" in names else None)
+def _diagonal_kernels(net: Layer, t1: torch.Tensor, names: tuple[str, ...],
+                      memory_budget: int | None = None) -> Kernels:
+    """``k(x, x)`` for each row of ``t1``: ``(N,)`` kernels in O(N d) (images: in chunks of
+    rows sized like tiles, each image's own pixel covariances)."""
+    if t1.dim() == 2:
+        n0 = t1.shape[1]
+        var = (t1 * t1).sum(dim=1) / n0
+        mean = t1.sum(dim=1) / n0  # per-row feature means: LayerNorm centres by them
+        state = PairKernel(cov=var, var1=var, var2=var,
+                           ntk=torch.zeros_like(var) if "ntk" in names else None, width=n0,
+                           diagonal=True, mean1=mean, mean2=mean, gaussian=False)
+        final = _final(net.kernel_map(state))
+        return Kernels(nngp=final.cov if "nngp" in names else None,
+                       ntk=final.ntk if "ntk" in names else None)
+    layout = input_layout(net, t1)
+    images = _Images(t1)
+    per_image = images.entries(layout)
+    itemsize = torch.finfo(t1.dtype).bits // 8
+    side = _spatial_tile_size(memory_budget, len(names), itemsize, bool(net.uses_quadrature),
+                              layout, per_image, images.spatial)
+    zero = torch.zeros((), dtype=t1.dtype, device=t1.device)
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    for rows in spans(t1.shape[0], side * side):
+        cov, mean = images.self_state(rows, layout)
+        state = PairKernel(cov=cov, var1=cov, var2=cov, ntk=zero if "ntk" in names else None,
+                           width=images.channels, diagonal=True, layout=layout,
+                           mean1=mean[0], mean2=mean[1], gaussian=False)
+        final = _final(net.kernel_map(state))
+        for name in names:
+            parts[name].append(final.cov if name == "nngp" else final.ntk)
+    joined = {name: torch.cat(parts[name]) for name in names}
+    return Kernels(nngp=joined.get("nngp"), ntk=joined.get("ntk"))
+
+
+class _Images:
+    """Images ``(N, C, *S)`` as ``(N, C, P)`` pixels, and the covariances every tile of them
+    starts from: the per-pixel channel mean of products, ``Σ_c x_cp x'_cq / C``."""
+
+    def __init__(self, t: torch.Tensor):
+        self.channels, self.spatial = t.shape[1], tuple(t.shape[2:])
+        self.d = len(self.spatial)
+        self.x = t.reshape(t.shape[0], self.channels, -1)
+        self.pixels = self.x.shape[2]
+        # Per-pixel self variances and channel means, (N, P): O(N C P), once.
+        self.var = (self.x * self.x).sum(dim=1) / self.channels
+        self.mean = self.x.sum(dim=1) / self.channels
+
+    def entries(self, layout: str) -> int:
+        return self.pixels * self.pixels if layout == PIXEL_PAIRS else self.pixels
+
+    def self_state(self, rows: slice, layout: str):
+        """``cov`` ``(n, *S)`` or ``(n, *S, *S)`` of the rows with themselves, and the means
+        shaped like its two marginals."""
+        n, s = rows.stop - rows.start, self.spatial
+        mean = self.mean[rows]
+        if layout == PIXELS:
+            m = mean.reshape((n,) + s)
+            return self.var[rows].reshape((n,) + s), (m, m)
+        ones = (1,) * self.d
+        return (self._self_pairs(rows).reshape((n,) + s + s),
+                (mean.reshape((n,) + s + ones), mean.reshape((n,) + ones + s)))
+
+    def _self_pairs(self, rows: slice) -> torch.Tensor:
+        x = self.x[rows]
+        return torch.bmm(x.transpose(1, 2), x).div_(self.channels)  # (n, P, P)
 
 
 def check_dense_fits(n1: int, n2: int, dtype: torch.dtype, device: torch.device,
@@ -241,12 +372,12 @@ def analytic_kernel(net: Layer, x1: Any, x2: Any | None = None,
     names = normalize_get(get)
     dtype = resolve_dtype(dtype)
     t1, t2 = as_input_pair(x1, x2, dtype=dtype)
-    net.kernel_layout(DENSE)  # rows of features: refuse a network that cannot take them
+    input_layout(net, t1)  # refuse a network that cannot take these inputs, before any tile
 
     if diagonal:
         if t2 is not None:
             raise ValueError("diagonal=True computes k(x, x) for x1 only; pass x2=None.")
-        kernels = _diagonal_kernels(net, t1, names)
+        kernels = _diagonal_kernels(net, t1, names, memory_budget)
         if bool(_not_finite(torch.stack([getattr(kernels, n) for n in names]))):
             raise _overflow_error(net, names, dtype, [("x1", t1)], None)
         return kernels
@@ -280,6 +411,9 @@ class _Pair:
     ids2: torch.Tensor | None
     upper: torch.Tensor | None  # upper-triangle mask of the largest tile (symmetric only)
     zero: torch.Tensor  # the NTK of the raw input: 0-d, broadcast without filling a tile
+    layout: str = DENSE  # of the input state (see input_layout)
+    images1: _Images | None = None  # images/sequences: their pixels (None for flat rows)
+    images2: _Images | None = None
 
 
 def evaluate(net: Layer, t1: torch.Tensor, t2: torch.Tensor | None, names: tuple[str, ...],
@@ -298,11 +432,15 @@ def evaluate(net: Layer, t1: torch.Tensor, t2: torch.Tensor | None, names: tuple
     Raises ``ValueError`` for a non-finite kernel, naming the (global) rows of the inputs
     whose self-kernels overflow; a ``durable`` sink is never handed a non-finite tile.
     """
-    net.kernel_layout(DENSE)
-    p = _prepare(net, t1, t2, names, labels)
+    layout = input_layout(net, t1)
+    p = _prepare(net, t1, t2, names, labels, layout)
     n1, n2 = p.t1.shape[0], p.t2.shape[0]
     itemsize = torch.finfo(t1.dtype).bits // 8
-    size = _tile_size(memory_budget, len(names), itemsize, bool(net.uses_quadrature))
+    images = p.images1
+    heavy = bool(net.uses_quadrature)
+    size = (_tile_size(memory_budget, len(names), itemsize, heavy) if images is None else
+            _spatial_tile_size(memory_budget, len(names), itemsize, heavy, layout,
+                               images.entries(layout), images.spatial))
     block = max(n1, n2, 1) if block is None else block
     if p.symmetric:
         p.upper = _upper_mask(min(size, block, n1), t1.device)
@@ -335,15 +473,19 @@ def _labelled(p: _Pair, labels: tuple[str, str]) -> list[tuple[str, torch.Tensor
 
 
 def _prepare(net: Layer, t1: torch.Tensor, t2: torch.Tensor | None, names: tuple[str, ...],
-             labels: tuple[str, str]) -> _Pair:
+             labels: tuple[str, str], layout: str = DENSE) -> _Pair:
     symmetric = t2 is None
     t2 = t1 if symmetric else t2
-    n0 = t1.shape[1]
-    sq1 = torch.linalg.vecdot(t1, t1) / n0
-    sq2 = sq1 if symmetric else torch.linalg.vecdot(t2, t2) / n0
-    ids1, ids2 = _shared_row_ids(t1, None if symmetric else t2)
+    f1, f2 = t1.reshape(t1.shape[0], -1), t2.reshape(t2.shape[0], -1)
+    n0 = f1.shape[1]
+    sq1 = torch.linalg.vecdot(f1, f1) / n0
+    sq2 = sq1 if symmetric else torch.linalg.vecdot(f2, f2) / n0
+    ids1, ids2 = _shared_row_ids(f1, None if symmetric else f2)
     p = _Pair(net, t1, t2, names, symmetric, sq1, sq2, ids1, ids2, None,
-              torch.zeros((), dtype=t1.dtype, device=t1.device))
+              torch.zeros((), dtype=t1.dtype, device=t1.device), layout)
+    if layout != DENSE:
+        p.images1 = _Images(t1)
+        p.images2 = p.images1 if symmetric else _Images(t2)
     # An input whose own Gram entry overflows has no usable kernel, even where a layer
     # would turn inf into a finite number (LayerNorm: x.x'/sqrt(inf) = 0): refuse it here.
     if bool(_not_finite(sq1) | _not_finite(sq2)):
@@ -354,28 +496,68 @@ def _prepare(net: Layer, t1: torch.Tensor, t2: torch.Tensor | None, names: tuple
 def _compute_tile(p: _Pair, rows: slice, cols: slice) -> dict[str, torch.Tensor]:
     """The ``(len(rows), len(cols))`` tiles of ``p``'s kernels by name. A tile on the
     diagonal of a symmetric kernel is exactly symmetric, with the exact diagonal."""
-    n0 = p.t1.shape[1]
-    t1, t2 = p.t1, p.t2
-    cov = (t1[rows] @ t2[cols].T).div_(n0)
-    if p.ids1 is not None:
-        same = p.ids1[rows, None] == p.ids2[None, cols]
-        cov = torch.where(same, p.sq1[rows, None].expand_as(cov), cov)
     on_diagonal = p.symmetric and cols == rows
-    if on_diagonal:
-        # A Gram tile from gemm is symmetric only up to rounding, and its diagonal may
-        # differ from the row norms in the last bit (which arccos would amplify to
-        # ~1e-8 at rho = 1). Make both exact.
-        cov = _mirror_upper(cov, p.upper)
-        cov.diagonal().copy_(p.sq1[rows])
-    # Per-row feature means (O(tile x d), beside the O(tile² x d) Gram): LayerNorm
-    # centres by them.
-    state = PairKernel(cov=cov, var1=p.sq1[rows, None], var2=p.sq2[None, cols],
-                       ntk=p.zero if "ntk" in p.names else None, width=n0,
-                       mean1=t1[rows].sum(dim=1, keepdim=True) / n0,
-                       mean2=(t2[cols].sum(dim=1) / n0)[None, :], gaussian=False)
+    state = _input_state(p, rows, cols, on_diagonal)
     final = _final(p.net.kernel_map(state))
     tiles = {}
     for name in p.names:
         tile = final.cov if name == "nngp" else final.ntk
         tiles[name] = _mirror_upper(tile, p.upper) if on_diagonal else tile
     return tiles
+
+
+def _input_state(p: _Pair, rows: slice, cols: slice, on_diagonal: bool) -> PairKernel:
+    """The kernel state of the raw inputs ``x1[rows]``, ``x2[cols]`` in ``p.layout``.
+
+    Entries of equal rows (and the diagonal of a symmetric tile) are copied from the self
+    covariances, so that their correlations are exactly 1 where they should be: a gemm entry
+    may differ from a row's own products in the last bit, which arccos amplifies to ~1e-8.
+    """
+    same = p.ids1[rows, None] == p.ids2[None, cols] if p.ids1 is not None else None
+    if p.layout == DENSE:
+        n0 = p.t1.shape[1]
+        t1, t2 = p.t1, p.t2
+        cov = (t1[rows] @ t2[cols].T).div_(n0)
+        if same is not None:
+            cov = torch.where(same, p.sq1[rows, None].expand_as(cov), cov)
+        if on_diagonal:
+            # A Gram tile from gemm is symmetric only up to rounding, and its diagonal may
+            # differ from the row norms in the last bit. Make both exact.
+            cov = _mirror_upper(cov, p.upper)
+            cov.diagonal().copy_(p.sq1[rows])
+        # Per-row feature means (O(tile x d), beside the O(tile² x d) Gram): LayerNorm
+        # centres by them.
+        return PairKernel(cov=cov, var1=p.sq1[rows, None], var2=p.sq2[None, cols],
+                          ntk=p.zero if "ntk" in p.names else None, width=n0,
+                          mean1=t1[rows].sum(dim=1, keepdim=True) / n0,
+                          mean2=(t2[cols].sum(dim=1) / n0)[None, :], gaussian=False)
+    im1, im2 = p.images1, p.images2
+    b1, b2 = rows.stop - rows.start, cols.stop - cols.start
+    a, b = im1.x[rows], im2.x[cols]  # (B1, C, P), (B2, C, P)
+    spatial, d = im1.spatial, im1.d
+    self1, means1 = im1.self_state(rows, p.layout)
+    if on_diagonal:
+        self2, means2 = self1, means1
+    else:
+        self2, means2 = im2.self_state(cols, p.layout)
+    if p.layout == PIXELS:
+        # (P, B1, C) @ (P, C, B2): one small gemm per pixel.
+        cov = torch.bmm(a.permute(2, 0, 1), b.permute(2, 1, 0)).permute(1, 2, 0)
+        cov = cov.div_(im1.channels).reshape((b1, b2) + spatial)
+    else:
+        # (B1 P, C) @ (C, B2 P), then pixel axes after the pair axes: every pixel pair.
+        g = a.transpose(1, 2).reshape(-1, im1.channels) @ b.permute(1, 0, 2).reshape(
+            im1.channels, -1)
+        cov = g.view(b1, im1.pixels, b2, im1.pixels).permute(0, 2, 1, 3).div(im1.channels)
+        cov = cov.reshape((b1, b2) + spatial + spatial)
+    if on_diagonal:
+        eye = torch.eye(b1, dtype=torch.bool, device=cov.device)
+        same = eye if same is None else same | eye
+    if same is not None and bool(same.any()):
+        shape = (b1, b2) + (1,) * (cov.dim() - 2)
+        cov = torch.where(same.view(shape), self1.unsqueeze(1), cov)
+    # Means per pixel (over channels), shaped like the marginals; ntk: the raw inputs' 0.
+    return PairKernel(cov=cov, var1=self1.unsqueeze(1), var2=self2.unsqueeze(0),
+                      ntk=p.zero if "ntk" in p.names else None, width=im1.channels,
+                      layout=p.layout, mean1=means1[0].unsqueeze(1),
+                      mean2=means2[1].unsqueeze(0), gaussian=False)

@@ -15,12 +15,23 @@ point of the network. Its tensors have a *batch* part and a *spatial* part:
   ``"pixel_pairs"``   ``(H, W, H, W)``  Cov(z_hw(x), z_h'w'(x')): every pair of pixels
   ==================  ================  =================================================
 
-``cov`` and ``ntk`` have shape ``B + S``. ``var1``/``var2`` hold the self-covariances
-``k(x, x)`` and ``k(x', x')`` of the same entries and broadcast against ``cov``: in full mode
-a column ``(B1, 1, *S1)`` and a row ``(1, B2, *S2)``, where for ``"pixel_pairs"`` ``S1 =
-(H, W, 1, 1)`` and ``S2 = (1, 1, H, W)`` (the variance of each pixel of each input); in
-diagonal mode with ``"dense"`` or ``"pixels"`` they are ``cov`` itself
-(:attr:`PairKernel.variances_are_cov`).
+``cov`` and ``ntk`` have shape ``B + S``. ``var1``/``var2`` are the kernel state of the pairs
+``(x, x)`` and ``(x', x')`` in the same layout, shaped to broadcast against ``cov``: in full
+mode a column ``(B1, 1) + S`` and a row ``(1, B2) + S``; in diagonal mode they are ``cov``
+itself (:attr:`PairKernel.variances_are_cov`). For ``"dense"`` and ``"pixels"`` that is the
+variance of each feature (pixel) of each input. For ``"pixel_pairs"`` it is each image's
+full *self* pixel-pair covariance ``Cov(z_p(x), z_q(x))``: a pooling layer needs it to
+produce the variances of its pooled pixels (the variance of an average is the average of
+the window's covariances, not of its variances). The per-pixel variances that an
+elementwise dual needs are its pixel diagonal, :meth:`PairKernel.marginals` (strided views,
+no copy).
+
+Cost of the layouts, per pair of inputs and per layer (``|S|`` entries, a few flops each):
+``"dense"`` 1 entry; ``"pixels"`` ``H·W`` entries (a ``Flatten`` readout needs no more:
+each pixel's covariance only ever mixes with the same pixel of the other image, at the
+same window offset); ``"pixel_pairs"`` ``(H·W)²`` entries (300 KB per pair of 14×14
+images in float64; any pooling needs it), plus the self covariances of the tile's
+``B1 + B2`` images, a fraction ``1/B1 + 1/B2`` on top of the ``B1·B2`` pairs.
 
 Layers whose kernel map is elementwise in the entries (activations, ``FanInSum``,
 ``Parallel``, ``FanOut``, ``Identity``) work on every layout unchanged; layers that mix
@@ -63,10 +74,11 @@ from typing import Any
 
 import torch
 
+from ._conv_ops import pair_diagonal
+
 #: The spatial layouts a kernel state may hold (see the module docstring).
 DENSE, PIXELS, PIXEL_PAIRS = "dense", "pixels", "pixel_pairs"
 LAYOUTS = (DENSE, PIXELS, PIXEL_PAIRS)
-_SPATIAL_NDIM = {DENSE: 0, PIXELS: 2, PIXEL_PAIRS: 4}
 
 
 @dataclass(frozen=True)
@@ -94,7 +106,7 @@ class PairKernel:
     gaussian: bool | None = None
 
     def __post_init__(self):
-        if self.layout not in _SPATIAL_NDIM:
+        if self.layout not in LAYOUTS:
             raise ValueError(f"PairKernel layout must be one of {LAYOUTS}; got "
                              f"{self.layout!r}.")
 
@@ -119,15 +131,59 @@ class PairKernel:
 
     @property
     def spatial_shape(self) -> tuple[int, ...]:
-        """``S``: ``()`` for ``"dense"``, ``(H, W)`` or ``(H, W, H, W)`` otherwise."""
-        n = _SPATIAL_NDIM[self.layout]
+        """``S``: ``()`` for ``"dense"``, ``(H, W)`` or ``(H, W, H, W)`` otherwise (``(L,)``
+        or ``(L, L)`` for sequences)."""
+        n = self.cov.dim() - (1 if self.diagonal else 2)
         return tuple(self.cov.shape[self.cov.dim() - n:]) if n else ()
 
     @property
     def variances_are_cov(self) -> bool:
-        """Whether ``var1`` and ``var2`` are ``cov`` itself (diagonal mode, one entry per
-        pixel): then a map of ``cov`` is also the map of the variances."""
-        return self.diagonal and self.layout != PIXEL_PAIRS
+        """Whether ``var1`` and ``var2`` are ``cov`` itself (diagonal mode): then a map of
+        ``cov`` is also the map of the self states."""
+        return self.diagonal
+
+    @property
+    def image_ndim(self) -> int:
+        """Number of image axes ``d``: 0 for ``"dense"``, 2 for images, 1 for sequences."""
+        n = self.cov.dim() - (1 if self.diagonal else 2)
+        return n // 2 if self.layout == PIXEL_PAIRS else n
+
+    def marginals(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(v1, v2)``: the variance of each entry's feature in input 1 and in input 2,
+        broadcastable against ``cov``: what an elementwise dual needs. ``var1``/``var2``
+        themselves except for ``"pixel_pairs"``, where they are the pixel diagonals of the
+        self covariances, as strided views ``(B1, 1, H, W, 1, 1)`` and ``(1, B2, 1, 1, H, W)``
+        (diagonal mode: ``(N, H, W, 1, 1)`` and ``(N, 1, 1, H, W)``)."""
+        if self.layout != PIXEL_PAIRS:
+            return self.var1, self.var2
+        return (self_marginals(self.var1, self.image_ndim)[0],
+                self_marginals(self.var2, self.image_ndim)[1])
+
+
+def self_marginals(t: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pixel variances of a self pixel-pair covariance ``t`` of shape ``B + S + S``
+    (``S`` with ``ndim`` axes), as views broadcastable against ``t``: ``B + S + 1s`` (the
+    first pixel's variance) and ``B + 1s + S`` (the second's). No copy."""
+    diag = pair_diagonal(t, ndim)
+    first = second = diag
+    for _ in range(ndim):
+        first = first.unsqueeze(-1)               # B + S + (1,)*ndim
+        second = second.unsqueeze(-ndim - 1)      # B + (1,)*ndim + S
+    return first, second
+
+
+def is_branches(value: Any) -> bool:
+    """Whether ``value`` (a dimension, layout, need or state) holds several branches (after
+    ``FanOut``): a tuple, but not a ``torch.Size``, which is one image shape ``(C, H, W)``."""
+    return isinstance(value, tuple) and not isinstance(value, torch.Size)
+
+
+def strongest(need: Any) -> str:
+    """The most demanding of one layout need or a (nested) tuple of them, in the order
+    ``"dense"`` < ``"pixels"`` < ``"pixel_pairs"`` (each carries what the previous does)."""
+    if not is_branches(need):
+        return need
+    return max((strongest(n) for n in need), key=LAYOUTS.index, default=DENSE)
 
 
 def is_zero_mean(mean: Any) -> bool:
@@ -183,4 +239,5 @@ def require_dense(layout: Any, layer: object) -> None:
         raise ValueError(
             f"{layer!r} mixes all features, so it needs the 'dense' kernel layout (one "
             f"covariance per pair of inputs); it received the {layout!r} layout (per-pixel "
-            "covariances). Pool or flatten the spatial axes first.")
+            "covariances of images or sequences). Pool or flatten the spatial axes first: "
+            "put nk.Flatten() or nk.GlobalAvgPool() before it.")
