@@ -185,8 +185,13 @@ def test_layernorm_models():
         ref = naive_ntk(m, x)
         for method in GENERIC:
             assert rel_err(nk.empirical_ntk(m, x, method=method, output="full"), ref) < 1e-10
-        with pytest.raises(ValueError, match="method='structured' needs an nn.Sequential"):
-            nk.empirical_ntk(m, x, method="structured")
+    # ntkit's LayerNorm has no parameters: the structured path differentiates it by vjp.
+    assert rel_err(nk.empirical_ntk(ntkit_ln, x, method="structured", output="full"),
+                   naive_ntk(ntkit_ln, x)) < 1e-10
+    # A LayerNorm with trainable affine parameters is not a layer the structured path knows.
+    with pytest.raises(ValueError, match=r"method='structured' needs an nn.Sequential.*"
+                                         r"'1' \(LayerNorm\) has differentiated parameters"):
+        nk.empirical_ntk(model, x, method="structured")
 
 
 RESIDUAL = nk.serial(nk.Dense(12, 1.0, 0.1), nk.FanOut(2),
@@ -300,8 +305,11 @@ def test_params_accepts_parameter_objects_and_auto_picks_structured():
     by_obj = nk.empirical_ntk(model, x, params=[model[0].weight])
     torch.testing.assert_close(by_name, by_obj)
     assert nk.empirical_ntk(model, x, per_param=True).method == "structured"
+    # CNNs (BatchNorm in eval mode included) qualify too; a residual model does not.
     assert nk.empirical_ntk(small_cnn(), torch.randn(2, 2, 8, 8, dtype=F64),
-                            per_param=True).method == "jacobian"
+                            per_param=True).method == "structured"
+    assert nk.empirical_ntk(RESIDUAL.module(4, seed=0, dtype=F64), torch.randn(3, 4, dtype=F64),
+                            per_param=True).method in GENERIC
 
 
 def test_dtype_device_and_array_inputs():
@@ -345,7 +353,7 @@ def test_errors():
     with pytest.raises(ValueError, match=r"is in training mode.*call model\.eval\(\) first"):
         nk.empirical_ntk(small_cnn().train(), torch.randn(2, 2, 8, 8, dtype=F64))
     with pytest.raises(ValueError, match="method='structured' needs an nn.Sequential"):
-        nk.empirical_ntk(small_cnn(), torch.randn(2, 2, 8, 8, dtype=F64), method="structured")
+        nk.empirical_ntk(RESIDUAL.module(3, seed=0, dtype=F64), x, method="structured")
 
 
 class FunctionalDropout(nn.Module):
