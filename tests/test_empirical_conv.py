@@ -231,3 +231,49 @@ def test_empirical_nngp_on_images():
         c1, c2 = model[0](x1).flatten(1), model[0](x2).flatten(1)
     torch.testing.assert_close(nk.empirical_nngp(model, x1, x2, layer="0", W_std=2.0),
                                4.0 * (c1 @ c2.T) / c1.shape[1], rtol=1e-13, atol=0)
+
+
+# ntkit's conv modules pad in their forward (TensorFlow's split for "same" with strides, or
+# wrapped) and scale weight and bias by the parameterization's factors.
+NTKIT_CNNS = {
+    "cnn_flatten": (lambda: nk.cnn(2, 3, out_dim=2, b_std=0.3), (1, 6, 6)),
+    "cnn_gap_standard": (lambda: nk.cnn(2, 3, pool="gap", out_dim=2, b_std=0.3,
+                                        parameterization="standard"), (2, 5, 5)),
+    "myrtle": (lambda: nk.myrtle(5, 2, out_dim=2), (3, 8, 8)),
+    "strided_circular": (lambda: nk.serial(
+        nk.Conv(3, 3, stride=2, padding="same", b_std=0.2), nk.ReLU(),
+        nk.Conv(2, 2, padding="circular"), nk.Flatten(), nk.Dense(2)), (2, 7, 7)),
+    "conv1d_pool": (lambda: nk.serial(
+        nk.Conv(3, 3, padding="circular", b_std=0.2), nk.Erf(), nk.AvgPool(2, padding="same"),
+        nk.Conv(2, 2, stride=2, padding="valid"), nk.GlobalAvgPool(), nk.Dense(2)), (2, 9)),
+}
+
+
+@pytest.mark.parametrize("name", list(NTKIT_CNNS))
+def test_ntkit_conv_modules(name):
+    net, shape = NTKIT_CNNS[name]
+    model = net().module(in_shape=shape, seed=0, dtype=F64)
+    x1, x2 = _inputs(shape)
+    ref = naive_ntk(model, x1, x2)
+    for method in ALL_METHODS:
+        for output in ("trace", "full"):
+            got = nk.empirical_ntk(model, x1, x2, method=method, output=output)
+            assert rel_err(got, reduce(ref, output)) < 1e-10, (method, output)
+    assert nk.empirical_ntk(model, x1, per_param=True).method in ALL_METHODS
+
+
+class ShiftedConv(nn.Conv2d):
+    """A Conv2d subclass whose forward is not the convolution of its input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(torch.roll(x, 1, dims=-1))
+
+
+def test_conv_subclass_with_its_own_forward_is_not_structured():
+    torch.manual_seed(0)
+    model = nn.Sequential(ShiftedConv(1, 2, 3), nn.Flatten(), nn.Linear(8, 1)).to(F64)
+    x = torch.randn(3, 1, 4, 4, dtype=F64)
+    with pytest.raises(ValueError, match=r"module '0' \(ShiftedConv\) overrides the "
+                                         r"convolution's forward"):
+        nk.empirical_ntk(model, x, method="structured")
+    assert rel_err(nk.empirical_ntk(model, x, output="full"), naive_ntk(model, x)) < 1e-10

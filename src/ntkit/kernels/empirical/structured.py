@@ -48,6 +48,8 @@ from torch import nn
 from torch.func import vjp, vmap
 
 from ...layers.activations import ABReLU, ActivationModule
+from ...layers.conv import _pad as _ntkit_pad
+from ...layers.conv import _ScaledConv
 from ...layers.dense import DenseModule
 from .blocks import Request, _plan_kernel, _run_blocks, _tail
 from .gram import _gram, _matmul_t
@@ -130,10 +132,15 @@ def _classify(name: str, m: nn.Module, chosen: set[str] | None) -> _Step | str:
         ws, bs = (m.weight_scale, m.bias_scale) if isinstance(m, DenseModule) else (1.0, 1.0)
         return _Step("dense", name, m, sel["weight"], sel["bias"], ws, bs)
     if isinstance(m, _CONV_TYPES) and not isinstance(m, nn.modules.lazy.LazyModuleMixin):
-        # ntkit's conv modules carry their NTK-parameterization factors like DenseModule.
-        ws = float(getattr(m, "weight_scale", 1.0))
-        bs = float(getattr(m, "bias_scale", 1.0))
-        return _Step("conv", name, m, sel["weight"], sel["bias"], ws, bs)
+        if isinstance(m, _ScaledConv):
+            # ntkit's conv modules: explicit padding in forward, and the parameterization's
+            # factors (z = s_w W ⋆ a + s_b b) like DenseModule.
+            return _Step("conv", name, m, sel["weight"], sel["bias"], m.weight_scale,
+                         m.bias_scale)
+        if type(m).forward is not _torch_forward(m):
+            return (f"module {name!r} ({type(m).__name__}) overrides the convolution's "
+                    "forward, so its patches are unknown")
+        return _Step("conv", name, m, sel["weight"], sel["bias"])
     if isinstance(m, _BN_TYPES) and (sel["weight"] or sel["bias"]):
         if m.training or not m.track_running_stats or m.running_mean is None:
             return (f"module {name!r} ({type(m).__name__}) normalises by batch statistics "
@@ -148,6 +155,10 @@ def _classify(name: str, m: nn.Module, chosen: set[str] | None) -> _Step | str:
                 f"({', '.join(own[:3])}) and is not a Linear/DenseModule, Conv1d/Conv2d or "
                 "BatchNorm layer")
     return _Step("map", name, m)
+
+
+def _torch_forward(m: nn.Module) -> Callable:
+    return nn.Conv1d.forward if isinstance(m, nn.Conv1d) else nn.Conv2d.forward
 
 
 def structured_plan(model: nn.Module, params: Iterable[str] | None = None,
@@ -236,7 +247,10 @@ def _pull_back(fn: Callable, delta: torch.Tensor) -> torch.Tensor:
 def _patches(m: nn.Conv1d | nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
     """The conv's input patches ``U(a): (B, C_in·kh·kw, P)`` in ``weight``'s (C, kh, kw)
     order, padded exactly as the module pads (zeros, circular, reflect, replicate, 'same'
-    with PyTorch's extra right/bottom pixel for even kernels)."""
+    with PyTorch's extra right/bottom pixel for even kernels; ntkit's modules pad in their
+    forward, as the kernel map assumes)."""
+    if isinstance(m, _ScaledConv):
+        a = _ntkit_pad(a, m.kernel_size, m.stride, m.pad_mode)
     pad = list(getattr(m, "_reversed_padding_repeated_twice", []))
     if any(pad):
         mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
