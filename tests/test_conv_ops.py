@@ -262,3 +262,30 @@ def test_bad_input_is_refused_clearly():
         window_sum(torch.zeros(4, 4), (3, 3), 1, "same", pairs=True)
     with pytest.raises(TypeError, match="floating-point"):
         window_sum(torch.zeros(2, 4, 4, dtype=torch.int64), (3, 3))
+
+
+@pytest.mark.parametrize("ks,ss,padding", [((3, 3), (1, 1), "same"), ((3, 1), (1, 1), "same"),
+                                           ((1, 1), (1, 1), "same"), ((3, 3), (2, 1), "valid"),
+                                           ((3,), (1,), "same"), ((2, 2), (1, 1), "circular")])
+@pytest.mark.parametrize("pairs", [False, True])
+def test_fused_scale_bias_add(ks, ss, padding, pairs):
+    """scale * Σ + bias + add, fused, equals the unfused arithmetic (to rounding: the
+    scale is applied per term before the sum); tensor scales keep their gradient."""
+    g = torch.Generator().manual_seed(6)
+    d = len(ks)
+    spatial = (5, 4)[:d] if d == 2 else (6,)
+    t = torch.randn(2, 3, *spatial, *(spatial if pairs else ()), generator=g, dtype=DT)
+    plain = window_sum(t, ks, ss, padding, pairs)
+    add = torch.randn(plain.shape, generator=g, dtype=DT)
+    for kw, want in [({"scale": 0.3}, plain * 0.3), ({"bias": 0.7}, plain + 0.7),
+                     ({"scale": 0.3, "bias": 0.7}, plain * 0.3 + 0.7),
+                     ({"scale": 0.3, "add": add}, plain * 0.3 + add),
+                     ({"scale": 0.3, "bias": 0.7, "add": add}, plain * 0.3 + 0.7 + add),
+                     ({"add": add[:1]}, plain + add[:1])]:   # a broadcast add
+        got = window_sum(t, ks, ss, padding, pairs, **kw)
+        torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
+        assert got.data_ptr() != t.data_ptr()
+    w = torch.tensor(0.3, dtype=DT, requires_grad=True)
+    out = window_sum(t, ks, ss, padding, pairs, scale=w, bias=0.1)
+    out.sum().backward()
+    torch.testing.assert_close(w.grad, plain.sum())

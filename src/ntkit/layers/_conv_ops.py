@@ -151,7 +151,8 @@ def _flat_mask(spatial: tuple[int, ...], d: int, delta: int, pairs: bool, dtype:
 
 
 def _same_stride1_pass(t: torch.Tensor, spatial: tuple[int, ...], d: int, k: int,
-                       pairs: bool) -> torch.Tensor:
+                       pairs: bool, scale: float = 1.0, bias: float = 0.0,
+                       add: torch.Tensor | None = None) -> torch.Tensor:
     """The fast path of one dimension of a stride-1 ``"same"`` window sum: the spatial
     axes of each image are flattened to one pixel axis ``P`` (a view), so each shifted add
     runs over long contiguous stretches (``P - |shift|`` entries) instead of rows of ``W``.
@@ -159,13 +160,16 @@ def _same_stride1_pass(t: torch.Tensor, spatial: tuple[int, ...], d: int, k: int
     positions whose coordinate ``d`` leaves the image are excluded by the range for the
     outermost dimension and by a 0/1 mask (one fused multiply-add) for the others. Exact:
     the mask multiplies by 0 or 1 (a non-finite entry next to the border would turn into
-    NaN instead of being dropped; the evaluator refuses non-finite tiles anyway)."""
+    NaN instead of being dropped; the evaluator refuses non-finite tiles anyway).
+
+    Returns ``scale * (window sum) + bias + add``: the scale rides on the first write and
+    on each add (``alpha``), ``bias``/``add`` on the first write, so they cost no pass."""
     ndim = len(spatial)
     n_pix = math.prod(spatial)
     batch = t.shape[:t.dim() - (2 * ndim if pairs else ndim)]
     flat_shape = (*batch, n_pix, n_pix) if pairs else (*batch, n_pix)
     src = t.reshape(flat_shape)
-    out = src.clone(memory_format=torch.contiguous_format)
+    out = _first_write(src, scale, bias, add, t.shape)
     before = (k - 1) // 2
     step = math.prod(spatial[d + 1:])
     for o in range(k):
@@ -182,12 +186,27 @@ def _same_stride1_pass(t: torch.Tensor, spatial: tuple[int, ...], d: int, k: int
         else:
             o_view, i_view = out[..., r_out], src[..., r_in]
         if d == 0:
-            o_view += i_view
+            o_view.add_(i_view, alpha=scale)
         else:
             mask = _flat_mask(spatial, d, delta, pairs, t.dtype, str(t.device))
             mask = mask[r_out, r_out] if pairs else mask[r_out]
-            o_view.addcmul_(i_view, mask)
+            o_view.addcmul_(i_view, mask, value=scale)
     return out.reshape(t.shape)
+
+
+def _first_write(src: torch.Tensor, scale: float, bias: float, add: torch.Tensor | None,
+                 shape: tuple[int, ...]) -> torch.Tensor:
+    """A fresh contiguous ``scale * src + bias + add``, in one pass over ``src`` in the
+    usual cases; ``add`` is broadcast to ``shape`` (the unflattened output shape, whose
+    element count is ``src``'s) and then viewed as ``src``'s shape."""
+    if add is not None:
+        out = torch.add(torch.broadcast_to(add, shape).reshape(src.shape), src, alpha=scale)
+        return out.add_(bias) if bias != 0.0 else out
+    if bias != 0.0:
+        return torch.add(src.new_tensor(bias), src, alpha=scale)
+    if scale != 1.0:
+        return torch.mul(src, scale)
+    return src.clone(memory_format=torch.contiguous_format)
 
 
 def _spatial_shape(t: torch.Tensor, ndim: int, pairs: bool, name: str) -> tuple[int, ...]:
@@ -207,7 +226,9 @@ def _spatial_shape(t: torch.Tensor, ndim: int, pairs: bool, name: str) -> tuple[
 
 
 def window_sum(t: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int] | int = 1,
-               padding: str = "same", pairs: bool = False) -> torch.Tensor:
+               padding: str = "same", pairs: bool = False, *,
+               scale: float | torch.Tensor = 1.0, bias: float | torch.Tensor = 0.0,
+               add: torch.Tensor | None = None) -> torch.Tensor:
     """Sum over the window offsets of a convolution, at the same offset in both images.
 
     ``t`` has shape ``B + S`` (module docstring), ``d = len(kernel_size)`` spatial
@@ -221,6 +242,13 @@ def window_sum(t: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int
     where ``S_out`` follows :func:`output_size` per dimension. The SUM, not the mean: a
     convolution with ``W_std² / (C k^d)`` variance per weight scales it. Cost: ``d`` passes,
     each one copy plus ``k_i - 1`` shifted in-place adds over the (shrinking) tensor.
+
+    ``scale``, ``bias``, ``add``: return ``scale * out + bias + add`` instead (``add`` a
+    tensor of the output's shape, or broadcastable to it) -- a convolution's
+    ``Σ' = W_std²/|w| · Σ_o Σ + b_std²`` and ``Θ' = Σ' + W_std²/|w| · Σ_o Θ`` -- fused into
+    the passes at no extra pass over the tile (stride-1 ``"same"``; other windows pay one
+    in-place pass). Tensor ``scale``/``bias`` (kernel learning) are applied out of place,
+    after the sum, so gradients flow to them. The result is always a fresh tensor.
     """
     kernel_size = tuple(kernel_size) if not isinstance(kernel_size, int) else (kernel_size,)
     ndim = len(kernel_size)
@@ -231,13 +259,22 @@ def window_sum(t: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int
     # Dimensions that shrink the tensor most go first, so later passes touch less memory.
     order = sorted(range(ndim), key=lambda d: output_size(spatial[d], kernel_size[d],
                                                           stride[d], padding)[0] / spatial[d])
+    if isinstance(scale, torch.Tensor) or isinstance(bias, torch.Tensor):
+        out = window_sum(t, kernel_size, stride, padding, pairs)
+        out = out * scale + bias
+        return out if add is None else out + add
+    scale, bias = float(scale), float(bias)
     if padding == "same" and all(st == 1 for st in stride):
-        # The common case (3x3 "same" convolutions): flattened-pixel shifted adds.
-        if all(k == 1 for k in kernel_size):
-            return t.clone(memory_format=torch.contiguous_format)  # always a fresh tensor
-        for d in range(ndim):
-            if kernel_size[d] > 1:
-                t = _same_stride1_pass(t, spatial, d, kernel_size[d], pairs)
+        # The common case (3x3 "same" convolutions): flattened-pixel shifted adds, with
+        # the scale on the first pass and the constant terms on the last.
+        passes = [d for d in range(ndim) if kernel_size[d] > 1]
+        if not passes:
+            return _first_write(t, scale, bias, add, t.shape)
+        for j, d in enumerate(passes):
+            last = j == len(passes) - 1
+            t = _same_stride1_pass(t, spatial, d, kernel_size[d], pairs,
+                                   scale=scale if j == 0 else 1.0,
+                                   bias=bias if last else 0.0, add=add if last else None)
         return t
     for d in order:
         if pairs:
@@ -245,6 +282,13 @@ def window_sum(t: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int
         else:
             axes = (d - ndim,)
         t = _shift_sum(t, axes, spatial[d], kernel_size[d], stride[d], padding)
+    # t is a fresh tensor here: the affine terms in place, one pass each.
+    if scale != 1.0:
+        t.mul_(scale)
+    if bias != 0.0:
+        t.add_(bias)
+    if add is not None:
+        t = t.add_(add) if torch.broadcast_shapes(add.shape, t.shape) == t.shape else t + add
     return t
 
 
