@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..._validation import (
     Tensorish,
@@ -34,7 +35,7 @@ class _Setup:
     n_out: int                           # O
     dtype: torch.dtype                   # dtype of the model's output (computation dtype)
     out_dtype: torch.dtype               # dtype of the result
-    act_numel: int                       # numel of all module outputs for one example
+    act_numel: int                       # numel of the tensors one example's forward creates
     flops: float                         # forward FLOPs for one example
     n_params: int = field(init=False)
     memo: dict = field(default_factory=dict)  # per-call results a method's checks share
@@ -227,22 +228,34 @@ def _check_kernel_finite(k: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor | N
         "the inputs (e.g. standardise the features) or the weights, or compute in float64.")
 
 
+class _Allocations(TorchDispatchMode):
+    """Counts the elements of every tensor the operators of a forward pass create (views and
+    in-place results excluded): the per-example activation memory a backward pass keeps,
+    including what functional calls inside custom modules (``torch.relu(x + self.c(x))``)
+    allocate, which module hooks cannot see."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view and not func._schema.is_mutable:
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(t, torch.Tensor):
+                    self.numel += t.numel()
+        return out
+
+
 def _probe(model: nn.Module, x: torch.Tensor, name: str) -> tuple[torch.Tensor, int, float]:
-    """Run the model on one example: its output, the numel of all module outputs, FLOPs."""
-    numel = [0]
+    """Run the model on one example: its output, the numel of every tensor its operators
+    create (see :class:`_Allocations`), and its FLOPs."""
+    from torch.utils.flop_counter import FlopCounterMode
 
-    def hook(_m, _inp, out):
-        for t in (out if isinstance(out, (tuple, list)) else (out,)):
-            if isinstance(t, torch.Tensor):
-                numel[0] += t.numel()
-
-    handles = [m.register_forward_hook(hook) for m in model.modules()]
-    flops = 0.0
     rng_before = _rng_state(x.device)
+    allocations = _Allocations()
     try:
-        from torch.utils.flop_counter import FlopCounterMode
-
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter, allocations:
             out = model(x[:1])
         flops = float(counter.get_total_flops())
     except Exception as err:
@@ -250,9 +263,7 @@ def _probe(model: nn.Module, x: torch.Tensor, name: str) -> tuple[torch.Tensor, 
                          f"{tuple(x.shape[1:])}, dtype {x.dtype}, device {x.device}): {err}. "
                          "Pass inputs of the shape, dtype and device the model expects."
                          ) from err
-    finally:
-        for h in handles:
-            h.remove()
+    numel = [allocations.numel]
     if not _same_rng_state(rng_before, _rng_state(x.device)):
         _restore_rng_state(x.device, rng_before)  # leave the caller's random stream as it was
         raise ValueError(_RANDOM_MESSAGE)
