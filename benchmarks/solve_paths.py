@@ -1,0 +1,299 @@
+"""Kernel regression at scale through every path of ``ntkit.scale.solve``, side by side.
+
+Problem (synthetic, fixed seed): ``N`` training and ``n_test`` test points in ``d = 784``
+dimensions lying near a 16-dimensional latent subspace (``x = z W + 0.3 ε``), 10 targets
+``tanh(z T) + 0.1 ε``; the NTK of a depth-4 ReLU network (``nk.mlp(4)``: three hidden
+layers, W_std 1, b_std 0.1); ridge ``diag_reg`` relative to the mean diagonal.
+
+Each path runs in its own subprocess (its peak RSS is its own): kernel, solve and
+predictions at the test points, end to end. The paths too slow to finish here are timed
+on a part of the work and extrapolated, and labelled so. Accuracy is checked on a
+subsample of ``--check-n`` points where a float64 direct solve fits: the cost model's
+choice at full size is run (forced) on the subsample and its predictions compared with a
+float64 Cholesky of the float64 kernel.
+
+    python benchmarks/solve_paths.py --n 50000            # the table, ~15 min, ~12 GiB
+    python benchmarks/solve_paths.py --n 100000 --only disk_cg --store /tmp/k100k
+    python benchmarks/solve_paths.py --n 3000 --n-test 500 --check-n 2000 --quick  # check
+
+Big runs must hold the shared lock: ``flock /tmp/team/bench.lock python ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import set_threads, stamp, write_table  # noqa: E402
+
+LATENT, NOISE, OUTPUTS, DEPTH = 16, 0.3, 10, 4
+
+
+def make_data(n: int, n_test: int, d: int = 784, seed: int = 0):
+    """``(X, Y, X_test)``: the synthetic problem above; the first ``n`` rows train."""
+    g = np.random.default_rng(seed)
+    W = g.standard_normal((LATENT, d)) / np.sqrt(LATENT)
+    T = g.standard_normal((LATENT, OUTPUTS))
+    Z = g.standard_normal((n + n_test, LATENT))
+    X = Z @ W + NOISE * g.standard_normal((n + n_test, d))
+    Y = np.tanh(Z[:n] @ T / np.sqrt(LATENT)) + 0.1 * g.standard_normal((n, OUTPUTS))
+    return X[:n], Y, X[n:]
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+# ----------------------------------------------------------------------------- one path
+def run_path(args) -> dict:
+    """One path end to end in this process; returns its figures (JSON-able)."""
+    import torch
+
+    import ntkit as nk
+
+    set_threads(args.threads)
+    X, Y, Xt = make_data(args.n, args.n_test, args.d)
+    net = nk.mlp(DEPTH, 512)
+    out: dict = {"path": args.path}
+    t0 = time.perf_counter()
+    if args.path == "sklearn":
+        from sklearn.kernel_ridge import KernelRidge
+
+        K = net.kernel(X, get="ntk").ntk.numpy()
+        lam = args.diag_reg * float(np.mean(np.diag(K)))
+        model = KernelRidge(alpha=lam, kernel="precomputed").fit(K, Y)
+        del K
+        pred = np.vstack([model.predict(net.kernel(Xt[r], X, get="ntk").ntk.numpy())
+                          for r in np.array_split(np.arange(len(Xt)),
+                                                  max(1, len(Xt) // 2048))])
+        out.update(total=time.perf_counter() - t0, peak_rss=peak_rss_gib())
+        np.save(args.pred_out, pred)
+        return out
+    if args.path == "matrix_free_timing":
+        # One matrix-free iteration is one tiled K @ v over the upper half of K (recomputed).
+        op = nk.scale.KernelOperator(net, X, get="ntk", tile=args.tile)
+        v = torch.randn(args.n, OUTPUTS, dtype=torch.float64)
+        t1 = time.perf_counter()
+        op.matmul(v)
+        out.update(matvec=time.perf_counter() - t1, peak_rss=peak_rss_gib())
+        return out
+    method = "auto" if args.path == "auto" else args.path
+    res = nk.scale.solve(net, X, Y, method=method, diag_reg=args.diag_reg, tol=args.tol,
+                         n_landmarks=args.landmarks, tile=args.tile, store=args.store,
+                         max_iter=args.max_iter)
+    t_solve = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    pred = nk.scale.predict(net, X, Xt, res.coef, get="ntk").numpy()
+    t_pred = time.perf_counter() - t1
+    np.save(args.pred_out, pred)
+    out.update(method=res.method, precision=res.plan.precision, reason=res.plan.reason,
+               iterations=res.iterations, residual=res.residual, converged=res.converged,
+               timings=res.timings, details={k: (v if not isinstance(v, float) else v)
+                                             for k, v in res.details.items()},
+               fit=t_solve, predict=t_pred, total=time.perf_counter() - t0,
+               peak_rss=peak_rss_gib(), history=res.history)
+    if args.store and res.method == "disk_cg":
+        out["disk_bytes"] = sum(f.stat().st_size for f in Path(args.store).rglob("*")
+                                if f.is_file())
+    return out
+
+
+def reference_predictions(n: int, n_test: int, d: int, diag_reg: float) -> np.ndarray:
+    """float64 kernels, float64 Cholesky (torch), predictions: the accuracy reference."""
+    import torch
+
+    import ntkit as nk
+
+    X, Y, Xt = make_data(n, n_test, d)
+    net = nk.mlp(DEPTH, 512)
+    K = net.kernel(X, get="ntk").ntk
+    K.diagonal().add_(diag_reg * float(K.diagonal().mean()))
+    L = torch.linalg.cholesky(K)
+    del K
+    alpha = torch.cholesky_solve(torch.as_tensor(Y), L)
+    del L
+    return nk.scale.predict(net, X, Xt, alpha, get="ntk").numpy()
+
+
+def subprocess_path(args, path: str, n: int, store: str | None = None) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        pred = Path(tmp) / "pred.npy"
+        cmd = [sys.executable, __file__, "--worker", "--path", path, "--n", str(n),
+               "--n-test", str(args.n_test), "--d", str(args.d), "--diag-reg",
+               str(args.diag_reg), "--tol", str(args.tol), "--landmarks", str(args.landmarks),
+               "--tile", str(args.tile), "--threads", str(args.threads), "--max-iter",
+               str(args.max_iter), "--pred-out", str(pred)]
+        if store:
+            cmd += ["--store", store]
+        print("running", path, "N =", n, flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(proc.stderr[-3000:], flush=True)
+            return {"path": path, "error": proc.stderr.strip().splitlines()[-1][:200]}
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        if pred.exists():
+            result["pred"] = np.load(pred)
+        print({k: v for k, v in result.items() if k not in ("pred", "history", "reason")},
+              flush=True)
+        return result
+
+
+def rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=50_000)
+    p.add_argument("--n-test", type=int, default=10_000)
+    p.add_argument("--d", type=int, default=784)
+    p.add_argument("--diag-reg", type=float, default=1e-4)
+    p.add_argument("--tol", type=float, default=1e-8)
+    p.add_argument("--landmarks", type=int, default=2000)
+    p.add_argument("--tile", type=int, default=2048)
+    p.add_argument("--max-iter", type=int, default=500)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--check-n", type=int, default=20_000)
+    p.add_argument("--store", default=None, help="directory for the out-of-core kernel")
+    p.add_argument("--only", default=None, help="comma-separated paths to run")
+    p.add_argument("--name", default="solve_paths")
+    p.add_argument("--quick", action="store_true", help="small validation run, no table")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--path", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--pred-out", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(run_path(args), default=float))
+        return
+
+    import ntkit as nk
+
+    set_threads(args.threads)
+    stamp_line = stamp(args.threads, shared=True)
+    plan = nk.scale.plan_solve(args.n, OUTPUTS, n_features=args.d, depth=DEPTH,
+                               store=args.store or tempfile.gettempdir(),
+                               n_landmarks=args.landmarks, tile=args.tile)
+    print("cost model at full size:", plan, flush=True)
+    only = set(args.only.split(",")) if args.only else None
+
+    def wanted(name: str) -> bool:
+        return only is None or name in only
+
+    rows: dict[str, dict] = {}
+    store = args.store or tempfile.mkdtemp(prefix="ntkit-solve-paths-")
+    if wanted("auto"):
+        rows["auto"] = subprocess_path(args, "auto", args.n)
+    if wanted("disk_cg"):
+        rows["disk_cg"] = subprocess_path(args, "disk_cg", args.n, store)
+    if not args.store:
+        shutil.rmtree(store, ignore_errors=True)
+    if wanted("matrix_free"):
+        rows["matrix_free"] = subprocess_path(args, "matrix_free_timing", args.n)
+    # Accuracy on the subsample where float64 fits: the full-size choice, forced.
+    check = {}
+    if wanted("check"):
+        m = min(args.check_n, args.n)
+        sub = subprocess_path(args, plan.path if plan.path != "disk_cg" else "dense_cg", m,
+                              tempfile.mkdtemp(prefix="ntkit-check-"))
+        t0 = time.perf_counter()
+        ref = reference_predictions(m, args.n_test, args.d, args.diag_reg)
+        check = {"n": m, "path": sub.get("method"), "rel": rel(sub["pred"], ref),
+                 "ref_seconds": time.perf_counter() - t0}
+        if wanted("sklearn_check"):
+            sk = subprocess_path(args, "sklearn", m)
+            check["sklearn_rel"] = rel(sk["pred"], ref)
+            check["sklearn_total"] = sk["total"]
+            check["sklearn_rss"] = sk["peak_rss"]
+        print("check", check, flush=True)
+    if args.quick:
+        return
+    print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "pred"}
+                      for k, v in rows.items()}, default=float, indent=1)[:6000])
+    write_table(args.name, _table(args, plan, rows, check, stamp_line))
+
+
+def _table(args, plan, rows: dict, check: dict, stamp_line: str) -> str:
+    n = args.n
+    lines = [f"# Kernel regression at N = {n:,} through every path of `ntkit.scale.solve`", "",
+             stamp_line, "",
+             f"Synthetic problem (fixed seed): N = {n:,} train and {args.n_test:,} test points, "
+             f"d = {args.d}, near a {LATENT}-dimensional subspace (noise {NOISE}), "
+             f"{OUTPUTS} outputs; NTK of `nk.mlp({DEPTH})` (depth-4 ReLU); ridge diag_reg = "
+             f"{args.diag_reg:g} (relative); CG tolerance {args.tol:g} on the true relative "
+             f"residual; Nyström m = {args.landmarks}; block {args.tile}; torch "
+             f"{args.threads} threads. Every path computes kernel entries in float64. "
+             "End to end = train kernel + solve + predictions at the test points; each "
+             "row is its own process (peak RSS = that process's maximum resident memory).", "",
+             f"Cost model's choice at this size: **{plan.path}** ({plan.precision}) — "
+             f"{plan.reason}.", "",
+             "| path | end to end (s) | kernel (s) | preconditioner (s) | solve (s) | "
+             "predict (s) | CG iterations | true rel. residual | peak RSS (GiB) | disk |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def fmt(x, spec=".1f"):
+        return "—" if x is None else format(x, spec)
+
+    for name, r in rows.items():
+        if "error" in r:
+            lines.append(f"| {name} | failed: {r['error']} | | | | | | | | |")
+            continue
+        if name == "matrix_free":
+            its = rows.get("auto", {}).get("iterations") or 40
+            est = its * r["matvec"] * 1.0 + r["matvec"]
+            lines.append(f"| matrix_free_cg (today's path; **extrapolated**: one K @ v "
+                         f"timed, {r['matvec']:.0f} s, × ({its} iterations + 1 residual)) | "
+                         f"≈ {est:.0f} | — | — | ≈ {its * r['matvec']:.0f} | — | {its} | — | "
+                         f"{r['peak_rss']:.2f} | — |")
+            continue
+        t = r.get("timings", {})
+        mark = " **(cost model's choice)**" if r.get("method") == plan.path else ""
+        disk = (f"{r['disk_bytes'] / 2**30:.1f} GiB" if r.get("disk_bytes") else "—")
+        lines.append(
+            f"| {r.get('method', name)} ({r.get('precision', '')}){mark} | {r['total']:.1f} | "
+            f"{fmt(t.get('kernel'))} | {fmt(t.get('preconditioner'))} | "
+            f"{fmt(t.get('solve', 0) + t.get('factorise', 0))} | {r['predict']:.1f} | "
+            f"{r['iterations']} | {r['residual']:.1e} | {r['peak_rss']:.2f} | {disk} |")
+        if r.get("details", {}).get("bytes_read"):
+            det = r["details"]
+            lines.append(f"|  ↳ reader: {det['bytes_read'] / 2**30:.1f} GiB read in "
+                         f"{det['read_seconds']:.0f} s (prefetch thread); arithmetic waited "
+                         f"{det['wait_seconds']:.0f} s | | | | | | | | | |")
+    f64 = 8 * n * n / 2**30
+    if f64 > 0.5 * plan.ram_limit / 2**30:  # K, plus scipy's copy for the solve
+        lines.append(f"| scikit-learn KernelRidge(kernel='precomputed') | does not fit: the "
+                     f"float64 K alone is {f64:.1f} GiB and the solve copies it (RAM limit "
+                     f"{plan.ram_limit / 2**30:.1f} GiB); see the subsample below | | | | | | "
+                     "| | |")
+    lines.append("")
+    if check:
+        lines.append(
+            f"Accuracy (subsample N = {check['n']:,}, same test points): the full-size choice "
+            f"({check['path']}) forced at the subsample gives predictions within "
+            f"**{check['rel']:.1e}** (relative Frobenius norm) of a float64 Cholesky solve of "
+            f"the float64 kernel (torch; {check['ref_seconds']:.0f} s)."
+            + (f" scikit-learn KernelRidge(precomputed, float64 kernel) on the same subsample: "
+               f"{check['sklearn_total']:.0f} s end to end, peak RSS "
+               f"{check['sklearn_rss']:.1f} GiB, predictions within "
+               f"{check['sklearn_rel']:.1e}." if "sklearn_rel" in check else ""))
+        lines.append("")
+    for name, r in rows.items():
+        if r.get("history"):
+            lines.append(f"{name}: relative residual (CG recursion) per iteration: "
+                         + ", ".join(f"{h:.1e}" for h in r["history"][1:]) + ".")
+            lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
