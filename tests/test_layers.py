@@ -262,9 +262,9 @@ def test_elementwise_maps_work_on_per_pixel_covariances(layer):
                                ref.var1, rtol=1e-13, atol=1e-15)
 
 
-@pytest.mark.parametrize("layer", [nk.Dense(4), nk.LayerNorm(), nk.mlp(2, 4)], ids=repr)
+@pytest.mark.parametrize("layer", [nk.Dense(4), nk.mlp(2, 4)], ids=repr)
 @pytest.mark.parametrize("layout", ["pixels", "pixel_pairs"])
-def test_dense_and_layernorm_refuse_spatial_layouts(layer, layout):
+def test_dense_refuses_spatial_layouts(layer, layout):
     spatial, _ = _pixel_state(layout)
     with pytest.raises(ValueError, match=f"needs the 'dense' kernel layout.*'{layout}'"):
         layer.kernel_map(spatial)

@@ -68,7 +68,8 @@ def monte_carlo_kernel(net: Layer, x1: Tensorish, x2: Tensorish | None = None, *
                        memory_budget: int | None = None) -> MonteCarloKernels:
     """Average the empirical kernels of ``n_samples`` independent initialisations of ``net``.
 
-    For sample ``s`` the network ``net.module(d, seed=...)`` (seeds drawn from ``seed``) gives
+    For sample ``s`` the network ``net.module(d, seed=...)`` (seeds drawn from ``seed``;
+    ``in_shape=(C, H, W)`` for images) gives
 
     * ``nngp``: the last hidden layer's post-activation features ``a`` scaled as in the NTK
       parameterization, ``W_std² ⟨a(x), a(x')⟩ / n + b_std²`` with the output layer's
@@ -82,7 +83,9 @@ def monte_carlo_kernel(net: Layer, x1: Tensorish, x2: Tensorish | None = None, *
 
     Args:
         net: an ntkit architecture (``nk.mlp(...)``, ``nk.serial(...)``).
-        x1, x2: ``(N1, d)`` and ``(N2, d)`` inputs (``x2=None``: ``x2 = x1``).
+        x1, x2: ``(N1, d)`` and ``(N2, d)`` inputs (``x2=None``: ``x2 = x1``), or images
+            ``(N, C, H, W)`` / sequences ``(N, C, L)`` for a convolutional network (the
+            modules are built with ``in_shape=x1.shape[1:]``).
         n_samples: number of initialisations, at least 2 (for a standard error).
         seed: base seed; the same seed gives the same estimate.
         get: ``"nngp"``, ``"ntk"`` or both.
@@ -118,7 +121,10 @@ def monte_carlo_kernel(net: Layer, x1: Tensorish, x2: Tensorish | None = None, *
     m2s: dict[str, torch.Tensor] = {}
     scales: dict[str, torch.Tensor] = {}
     for count, s in enumerate(seeds, start=1):
-        module = net.module(t1.shape[1], seed=int(s), dtype=dtype, device=t1.device)
+        module = (net.module(t1.shape[1], seed=int(s), dtype=dtype, device=t1.device)
+                  if t1.dim() == 2 else
+                  net.module(in_shape=tuple(t1.shape[1:]), seed=int(s), dtype=dtype,
+                             device=t1.device))
         values = {}
         # Both raise, naming the rows, if a sample overflows.
         if "nngp" in names:

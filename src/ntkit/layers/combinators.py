@@ -2,8 +2,9 @@
 
 Each is a frozen dataclass (equality, hashing and ``repr`` over its fields). Serial folds
 its layers' answers to the evaluator's questions; Parallel, FanOut and FanInSum are
-elementwise in the kernel entries and so work on every kernel-state layout; LayerNorm,
-like Dense, needs the ``"dense"`` layout.
+elementwise in the kernel entries and so work on every kernel-state layout; LayerNorm
+normalises over features (flat inputs) or over channels, pixel by pixel (images and
+sequences), so it works on every layout too.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from .._validation import check_choice, check_nonnegative, check_positive_int
 from .activations import activation_from_name
 from .base import Layer, is_branches
 from .dense import PARAMETERIZATIONS, Dense
-from .state import (NonGaussianInputError, PairKernel, all_gaussian, is_zero_mean,
-                    require_dense, strongest)
+from .state import (PIXEL_PAIRS, NonGaussianInputError, PairKernel, all_gaussian,
+                    is_zero_mean, self_marginals, strongest)
 
 
 @dataclass(frozen=True, repr=False)
@@ -229,6 +230,10 @@ def _sum_means(means: list) -> Any:
 class LayerNorm(Layer):
     """Normalise each example over its features: ``(h − mean h) / std h``.
 
+    Images ``(N, C, H, W)`` and sequences ``(N, C, L)`` are normalised over their channels,
+    pixel by pixel (neural-tangents' ``LayerNorm(axis=channel)``): the map below then holds
+    for each pixel pair, with each pixel's own variance and mean.
+
     Kernel map. At infinite width the incoming features ``h_i(x)`` have per-example mean
     ``m(x)`` (tracked in the kernel state: 0 after Dense or an odd activation of it;
     ``E[φ(u)]``, ``u ~ N(0, Σ(x, x))``, after an activation φ of a Dense layer; the row mean
@@ -263,12 +268,10 @@ class LayerNorm(Layer):
 
     def kernel_layout(self, layout):
         _single_branch(layout)
-        require_dense(layout, self)
         return layout
 
     def kernel_map(self, k):
         _single_branch(k)
-        require_dense(k.layout, self)
         if k.mean1 is None or k.mean2 is None:
             raise ValueError(
                 f"{self!r}: the features entering it have a per-example mean (over features) "
@@ -278,48 +281,76 @@ class LayerNorm(Layer):
                 "set mean1/mean2 of the PairKernel (or an activation following it). "
                 "Remedy: put a Dense layer before LayerNorm (its outputs have mean zero), "
                 "or give the custom layer its means.")
-        positive = None
-        if k.means_are_zero:
-            cov, var1, var2 = k.cov, k.var1, k.var2
-        else:
-            # Centre: the subtraction uses the same operands for an entry with x = x' (cov =
-            # var1 = var2 and mean1 = mean2), so it stays exactly the row variance there.
-            cov = k.cov - k.mean1 * k.mean2
-            if k.variances_are_cov:
-                var1 = var2 = cov
-            else:
-                var1 = k.var1 - k.mean1 * k.mean1
-                var2 = k.var2 - k.mean2 * k.mean2
-            # A centred variance below the rounding of var − mean² is indistinguishable from
-            # zero: such a row is constant over its features, and maps to zero.
-            tol = 16 * torch.finfo(cov.dtype).eps
-            pos1 = var1 > tol * (k.var1 if not k.variances_are_cov else k.cov)
-            pos2 = var2 > tol * (k.var2 if not k.variances_are_cov else k.cov)
-            positive = pos1 & pos2
-            var1 = torch.where(pos1, var1, 0.0)
-            var2 = torch.where(pos2, var2, 0.0)
-        norm = torch.sqrt(var1 * var2)
-        if positive is None:
-            positive = norm > 0
-        # Divide rather than multiply by 1/norm: sqrt(v·v) == v in IEEE arithmetic, so an
-        # entry with cov = var1 = var2 (an example with itself) becomes exactly 1, as its
-        # unit variance says; v·(1/v) may be 1 - ulp, which a following arccos (ReLU
-        # family) turns into a ~1e-8 error and finite differences into noise. The inner
-        # `where` keeps the gradient finite at zero-variance rows.
-        safe = torch.where(positive, norm, torch.ones_like(norm))
-        out = torch.where(positive, cov / safe, 0.0)
-        unit1 = (var1 > 0).to(k.cov.dtype)
-        unit2 = (var2 > 0).to(k.cov.dtype)
+        centred = k.means_are_zero
+        m1, m2 = k.marginals()
+        out, safe, positive, var1, var2 = _normalise(k.cov, m1, m2, k.mean1, k.mean2, centred)
         ntk = None if k.ntk is None else torch.where(positive, k.ntk / safe, 0.0)
-        return k.replace(cov=out, var1=out if k.variances_are_cov else unit1,
-                         var2=out if k.variances_are_cov else unit2, ntk=ntk,
-                         mean1=0.0, mean2=0.0, gaussian=k.gaussian)
+        if k.variances_are_cov:
+            var1 = var2 = out
+        elif k.layout == PIXEL_PAIRS:
+            # Each image's self pixel-pair covariance is normalised by its own pixels'
+            # variances (pixel p by pixel q of the same image).
+            d = k.image_ndim
+            var1 = _normalise(k.var1, *self_marginals(k.var1, d), k.mean1,
+                              _swap_pixels(k.mean1, d), centred)[0]
+            var2 = _normalise(k.var2, *self_marginals(k.var2, d), _swap_pixels(k.mean2, d),
+                              k.mean2, centred)[0]
+        else:
+            var1 = (var1 > 0).to(k.cov.dtype)
+            var2 = (var2 > 0).to(k.cov.dtype)
+        return k.replace(cov=out, var1=var1, var2=var2, ntk=ntk, mean1=0.0, mean2=0.0,
+                         gaussian=k.gaussian)
 
     def build(self, in_dim, generator, dtype, device):
-        return LayerNormModule(self.eps)
+        # Images (N, C, H, W) and sequences (N, C, L) are normalised over their channels.
+        return LayerNormModule(self.eps, dim=1 if isinstance(in_dim, torch.Size) else -1)
 
     def __repr__(self):
         return f"LayerNorm(eps={self.eps})"
+
+
+def _normalise(cov, var_a, var_b, mean_a, mean_b, centred: bool):
+    """LayerNorm's map of covariances ``cov`` whose entries have variances ``var_a`` (first
+    input) and ``var_b`` (second) and means ``mean_a``/``mean_b`` (broadcastable):
+    ``(out, safe, positive, centred var_a, centred var_b)``, where ``out = cov_c / safe`` on
+    the ``positive`` entries (both centred variances positive) and 0 elsewhere."""
+    positive = None
+    if centred:
+        var1, var2 = var_a, var_b
+    else:
+        # Centre: the subtraction uses the same operands for an entry with x = x' (cov =
+        # var1 = var2 and mean1 = mean2), so it stays exactly the row variance there.
+        cov = cov - mean_a * mean_b
+        var1 = var_a - mean_a * mean_a
+        var2 = var_b - mean_b * mean_b
+        # A centred variance below the rounding of var − mean² is indistinguishable from
+        # zero: such a row is constant over its features, and maps to zero.
+        tol = 16 * torch.finfo(cov.dtype).eps
+        pos1 = var1 > tol * var_a
+        pos2 = var2 > tol * var_b
+        positive = pos1 & pos2
+        var1 = torch.where(pos1, var1, 0.0)
+        var2 = torch.where(pos2, var2, 0.0)
+    norm = torch.sqrt(var1 * var2)
+    if positive is None:
+        positive = norm > 0
+    # Divide rather than multiply by 1/norm: sqrt(v·v) == v in IEEE arithmetic, so an
+    # entry with cov = var1 = var2 (an example with itself) becomes exactly 1, as its
+    # unit variance says; v·(1/v) may be 1 - ulp, which a following arccos (ReLU
+    # family) turns into a ~1e-8 error and finite differences into noise. The inner
+    # `where` keeps the gradient finite at zero-variance rows.
+    safe = torch.where(positive, norm, torch.ones_like(norm))
+    return torch.where(positive, cov / safe, 0.0), safe, positive, var1, var2
+
+
+def _swap_pixels(mean: Any, d: int) -> Any:
+    """A per-pixel mean shaped for the first image's pixel (``B + S + 1s``) reshaped for the
+    second's (``B + 1s + S``), or back: the pixel-pair layout's two marginal shapes."""
+    if not isinstance(mean, torch.Tensor):
+        return mean
+    shape = tuple(mean.shape)
+    return mean.reshape(shape[:len(shape) - 2 * d] + shape[len(shape) - d:]
+                        + shape[len(shape) - 2 * d:len(shape) - d])
 
 
 def _single_branch(state: Any) -> None:
@@ -352,13 +383,15 @@ class FanInSumModule(torch.nn.Module):
 
 
 class LayerNormModule(torch.nn.Module):
-    def __init__(self, eps: float):
+    """Normalise each example over axis ``dim`` (features: -1; channels of images: 1)."""
+
+    def __init__(self, eps: float, dim: int = -1):
         super().__init__()
-        self.eps = eps
+        self.eps, self.dim = eps, dim
 
     def forward(self, x):
-        centred = x - x.mean(dim=-1, keepdim=True)
-        return centred / torch.sqrt(centred.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        centred = x - x.mean(dim=self.dim, keepdim=True)
+        return centred / torch.sqrt(centred.pow(2).mean(dim=self.dim, keepdim=True) + self.eps)
 
 
 def mlp(depth: int, width: int, activation: Any = "relu", W_std: float = 1.0,
