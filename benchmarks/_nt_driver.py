@@ -27,6 +27,14 @@ Jobs (``kind``):
   scratch and predicts the NTK mean on ``x_test``. Cached: the ensemble predictor is built once
   and called on ``x_test`` (filling its train-kernel and factorisation caches), then timed on
   ``x_new`` (only the test-train kernel and a product with the cached solve remain).
+* ``conv``: ``x1``, ``x2`` (NHWC arrays), ``layers`` (a list of ``[name, kwargs]`` in
+  neural-tangents' names: Conv, Relu, Erf, AvgPool, GlobalAvgPool, Flatten, Dense; as in
+  ``shared/reference/nt/conv/cases.json``), ``batch_size``. The kernel function is
+  ``nt.batch(jit(kernel_fn), batch_size, device_count=0, store_on_device=False)`` called as
+  ``fn(x1, x2, ("nngp", "ntk"))``. It is warmed up (compiled) on one batch
+  ``x1[:batch_size], x2[:batch_size]``, whose time is ``first``; then ``repeats`` timed calls
+  on the whole inputs (default 1: these runs take minutes). ``compile`` is null (the warm-up
+  holds it). out = both kernels' first ``check_rows`` rows.
 """
 
 from __future__ import annotations
@@ -57,6 +65,33 @@ def _mlp(stax, width: int, depth: int, act: str, out_dim: int):
         layers += [stax.Dense(width, W_std=1.0, b_std=0.1), act_layer()]
     layers.append(stax.Dense(out_dim, W_std=1.0, b_std=0.1))
     return stax.serial(*layers)
+
+
+def _stax_net(stax, layers: list):
+    """``stax.serial`` of ``[name, kwargs]`` layers (neural-tangents' names and arguments;
+    tuples given as JSON lists are turned back into tuples)."""
+    built = []
+    for name, kwargs in layers:
+        kwargs = {key: tuple(val) if isinstance(val, list) else val
+                  for key, val in kwargs.items()}
+        built.append(getattr(stax, name)(**kwargs))
+    return stax.serial(*built)
+
+
+def _time_batched(fn, x1, x2, batch_size: int, repeats: int, block):
+    """Warm up (compile) ``fn`` on one batch, then time ``repeats`` calls on the whole
+    inputs (wall clock and process CPU)."""
+    start = time.perf_counter()
+    block(fn(x1[:batch_size], x2[:batch_size]))
+    first = time.perf_counter() - start
+    out, times, cpus = None, [], []
+    for _ in range(max(repeats, 1)):
+        start, cpu = time.perf_counter(), time.process_time()
+        out = block(fn(x1, x2))
+        times.append(time.perf_counter() - start)
+        cpus.append(time.process_time() - cpu)
+    return out, {"compile": None, "first": first, "median": statistics.median(times),
+                 "best": min(times), "times": times, "cpu_median": statistics.median(cpus)}
 
 
 def _time(call, repeats: int, block, compile_fn=None):
@@ -145,6 +180,16 @@ def main(directory: Path) -> None:
                 out, res = _time(lambda: jitted(x_train, x_test, y), repeats, block,
                                  lambda: jitted.lower(x_train, x_test, y).compile())
             check = np.asarray(out)
+        elif kind == "conv":
+            mode = "nt.batch(jit(kernel_fn))"
+            x1, x2 = load(job["x1"]), load(job["x2"])
+            _, _, kernel_fn = _stax_net(stax, job["layers"])
+            bs = int(job["batch_size"])
+            batched = nt.batch(jax.jit(kernel_fn, static_argnames="get"), batch_size=bs,
+                               device_count=0, store_on_device=False)
+            out, res = _time_batched(lambda a, b: batched(a, b, ("nngp", "ntk")), x1, x2, bs,
+                                     int(job.get("repeats", 1)), block)
+            check = np.stack([np.asarray(out[0][:rows]), np.asarray(out[1][:rows])])
         else:
             raise ValueError(f"unknown job kind {kind!r}")
         res["mode"] = mode
