@@ -418,11 +418,172 @@ def main(cfg: dict, repeats: int, threads: int, shared: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
+# --------------------------------------------------------------------------- CNN rows
+# (channels, readout, O, N, output): ntkit's nk.cnn(3, channels) on 28×28×1 inputs, float64.
+CNN = {"grid": [(32, "flatten", 1, 128, "trace"), (32, "flatten", 10, 64, "full"),
+                (32, "gap", 1, 128, "trace"), (32, "gap", 10, 64, "full"),
+                (128, "flatten", 1, 32, "trace"), (128, "gap", 10, 16, "full")],
+       "nt": [(32, "flatten", 1, 128, "trace"), (32, "gap", 10, 64, "full"),
+              (128, "flatten", 1, 32, "trace")]}
+CNN_QUICK = {"grid": [(8, "flatten", 1, 16, "trace"), (8, "gap", 3, 16, "full")],
+             "nt": [(8, "flatten", 1, 16, "trace")]}
+CNN_METHODS = ("structured", "jacobian", "ntk_vp")
+
+
+def cnn_model(c: int, readout: str, o: int) -> torch.nn.Module:
+    """``nk.cnn(3, c)`` (3×3 "same" Conv + ReLU three times, Flatten or GlobalAvgPool,
+    Dense(O); NTK parameterization, W_std=1, b_std=0.1) as a float64 module for 28×28×1."""
+    net = nk.cnn(3, c, "relu", pool=readout, W_std=1.0, b_std=0.1, out_dim=o)
+    return net.module(in_shape=(1, 28, 28), seed=0, dtype=torch.float64)
+
+
+def cnn_arrays(model: torch.nn.Module, prefix: str) -> dict[str, np.ndarray]:
+    convs = [m for m in model if isinstance(m, torch.nn.Conv2d)]
+    arrays = {f"{prefix}C{i}": m.weight.detach().numpy() for i, m in enumerate(convs)}
+    arrays.update({f"{prefix}c{i}": m.bias.detach().numpy() for i, m in enumerate(convs)})
+    arrays[f"{prefix}W"], arrays[f"{prefix}b"] = (model[-1].weight.detach().numpy(),
+                                                  model[-1].bias.detach().numpy())
+    return arrays
+
+
+def run_nt_conv(jobs: list[dict], arrays: dict, threads: int) -> list[dict]:
+    """Run ``_nt_empirical_conv.py`` under the neural-tangents interpreter (float64)."""
+    import json
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from common import nt_python
+
+    driver = Path(__file__).resolve().parent / "_nt_empirical_conv.py"
+    with tempfile.TemporaryDirectory(prefix="ntkit-ntconv-") as tmp:
+        tmp_path = Path(tmp)
+        for name, arr in arrays.items():
+            np.save(tmp_path / f"{name}.npy", np.ascontiguousarray(arr))
+        (tmp_path / "jobs.json").write_text(json.dumps({"jobs": jobs, "x64": True,
+                                                        "threads": threads}))
+        proc = subprocess.run([str(nt_python()), str(driver), str(tmp_path)],
+                              capture_output=True, text=True, timeout=1800)
+        if proc.returncode != 0:
+            raise RuntimeError(f"neural-tangents conv driver failed:\n{proc.stderr[-3000:]}")
+        results = json.loads((tmp_path / "results.json").read_text())
+        for i, res in enumerate(results):
+            res["out"] = np.load(tmp_path / f"out{i}.npy")
+    return results
+
+
+def cnn_main(cfg: dict, repeats: int, threads: int, shared: bool) -> str:
+    """The CNN table: ntkit's methods side by side (and what ``auto`` picks), then
+    neural-tangents' empirical_ntk_fn on the same weights and inputs."""
+    from ntkit.kernels.empirical.ntk import _method_for
+    from ntkit.kernels.empirical.setup import _setup
+
+    set_threads(threads)
+    nt = NT(threads, timeout=1800)
+    header = stamp(threads, nt, shared)
+    warm = cnn_model(2, "flatten", 2)
+    for method in CNN_METHODS:
+        nk.empirical_ntk(warm, torch.rand(2, 1, 28, 28, dtype=torch.float64), method=method)
+    rows, checked, values, models = [], [], {}, {}
+    for c, readout, o, n, output in cfg["grid"]:
+        model = cnn_model(c, readout, o)
+        x = torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(n),
+                       dtype=torch.float64)
+        setup = _setup(model, x, None, None)
+        picked = _method_for("auto", setup, output, False)
+        cells, ref, times = {}, None, {}
+        for method in CNN_METHODS:
+            # ntk_vp pushes one jvp per x2 row and output through the x1 block: ≈ 3 F O N²/2
+            est = 1.5 * setup.flops * o * n * n / 10e9
+            if method == "ntk_vp" and est > SKIP_SECONDS:
+                cells[method] = f"skipped: est. {est:.0f} s"
+                continue
+            t, peak, _, value = measure(
+                lambda m=method: nk.empirical_ntk(model, x, method=m, output=output), repeats)
+            times[method] = t.median
+            cells[method] = f"{fmt_timing(t)}, {fmt_mib(peak)}"
+            if ref is None:
+                ref = value
+                values[(c, readout, o, n)] = value[:CHECK_ROWS].clone()
+                models[(c, readout, o, n)] = (model, x)
+            else:
+                err = max_rel_diff(value[:CHECK_ROWS].numpy(), ref[:CHECK_ROWS].numpy())
+                checked.append(f"c={c} {readout} O={o} N={n} {method} vs structured: "
+                               f"{err:.1e}")
+            del value
+            gc.collect()
+        fastest = min(times, key=times.get)
+        n_params = sum(p.numel() for p in model.parameters())
+        rows.append(f"| {c} | {readout} | {o} | {n} | {output} | {n_params:,} | "
+                    f"{cells['structured']} | {cells['jacobian']} | {cells['ntk_vp']} | "
+                    f"{times['jacobian'] / times['structured']:.2g}× | {picked} | "
+                    f"{fastest} |")
+        print(rows[-1], flush=True)
+
+    nt_rows = []
+    if nt.available:
+        jobs, arrays = [], {}
+        for c, readout, o, n, output in cfg["nt"]:
+            model, x = models[(c, readout, o, n)]
+            key = f"m{c}{readout}{o}n{n}"
+            arrays.update(cnn_arrays(model, key))
+            arrays[f"x{key}"] = x.numpy()
+            for impl in (1, 2, 3):
+                jobs.append({"x": f"x{key}", "channels": c, "depth": 3, "readout": readout,
+                             "out_dim": o, "params": key, "impl": impl, "output": output,
+                             "repeats": repeats, "check_rows": CHECK_ROWS,
+                             "key": [c, readout, o, n]})
+        for job, res in zip(jobs, run_nt_conv(jobs, arrays, threads)):
+            c, readout, o, n = job["key"]
+            ours = values[(c, readout, o, n)].numpy()
+            err = max_rel_diff(ours, res["out"])
+            name = {1: "jacobian", 2: "ntk_vp", 3: "structured"}[job["impl"]]
+            checked.append(f"c={c} {readout} O={o} N={n} neural-tangents {name} vs ntkit "
+                           f"structured: {err:.1e}")
+            rt = Timing(res["median"], res["best"], tuple(res["times"]))
+            nt_rows.append(f"| {c} | {readout} | {o} | {n} | {name} | {fmt_timing(rt)} "
+                           f"(compile {res['compile']:.1f} s) |")
+            print(nt_rows[-1], flush=True)
+
+    lines = [
+        "# Empirical NTK of CNNs: ntkit methods side by side, and neural-tangents", "",
+        header, "",
+        "nk.cnn(3, c): three 3×3 \"same\" Conv(c) + ReLU, Flatten or GlobalAvgPool, "
+        "Dense(O) (NTK parameterization, W_std=1, b_std=0.1), as a float64 module on "
+        "28×28×1 inputs uniform on [0, 1); x2 = None (N × N). Cells: median / best of the "
+        "timed calls after a warm-up (one call when the first took over 2 s), and the peak "
+        "rise of the resident set. ntk_vp is skipped where its estimate (≈ 1.5 F O N² at "
+        f"10 GFLOP/s) exceeds {SKIP_SECONDS:.0f} s. \"auto\" = the method the cost model "
+        "picks for this call; \"fastest\" = the fastest measured here.", "",
+        "| c | readout | O | N | output | parameters | structured | jacobian | ntk_vp | "
+        "jacobian ÷ structured | auto picks | fastest |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *rows,
+    ]
+    if nt_rows:
+        lines += ["", "## neural-tangents empirical_ntk_fn (same weights and inputs, jitted, "
+                  "float64; compile time excluded)", "",
+                  "| c | readout | O | N | implementation | time |", "|---|---|---|---|---|---|",
+                  *nt_rows]
+    elif not nt.available:
+        lines += ["", nt.note]
+    lines += ["", f"Cross-checks (first {CHECK_ROWS} rows, max relative difference; float64):",
+              ""] + [f"- {c}" for c in checked]
+    return "\n".join(lines) + "\n"
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser, "w = 64, 256 and N = 32, 64; writes no table")
+    parser.add_argument("--cnn", action="store_true",
+                        help="the CNN table instead (writes results/empirical_cnn.md)")
     args = parser.parse_args()
-    if args.quick:
+    if args.cnn:
+        if args.quick:
+            print(cnn_main(CNN_QUICK, min(args.repeats, 2), args.threads, args.shared))
+        else:
+            write_table("empirical_cnn", cnn_main(CNN, args.repeats, args.threads, args.shared))
+    elif args.quick:
         print(main(QUICK, min(args.repeats, 3), args.threads, args.shared))
     else:
         write_table("empirical_ntk", main(FULL, args.repeats, args.threads, args.shared))
