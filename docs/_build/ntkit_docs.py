@@ -35,6 +35,16 @@ def figure_html(fig, alt: str, caption: str | None = None) -> str:
             f'src="data:image/svg+xml;base64,{data}">{cap}</figure>')
 
 
+def image_html(path, alt: str, caption: str | None = None) -> str:
+    """A PNG or SVG file written during the build, embedded like :func:`figure_html`."""
+    path = Path(path)
+    kind = "svg+xml" if path.suffix == ".svg" else "png"
+    data = base64.b64encode(path.read_bytes()).decode()
+    cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
+    return (f'<figure class="ntkit-figure"><img alt="{html.escape(alt)}" '
+            f'src="data:image/{kind};base64,{data}">{cap}</figure>')
+
+
 def public_api() -> set[str]:
     """Every public name: ``ntkit.X`` for X in ``ntkit.__all__`` and, for the submodules it
     exports, ``ntkit.X.Y`` for Y in their ``__all__``."""
