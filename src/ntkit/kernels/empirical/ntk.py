@@ -74,8 +74,10 @@ def empirical_ntk(model: nn.Module, x1: Tensorish, x2: Tensorish | None = None, 
             has ``x1``'s floating dtype.
         x2: ``(N2, *in)`` inputs, or ``None`` for ``x2 = x1`` (only blocks on and above the
             diagonal are computed, and mirrored).
-        method: ``"structured"`` (nn.Sequential of Linear/ntkit Dense and elementwise
-            activations; no Jacobian), ``"jacobian"`` (per-example Jacobians via
+        method: ``"structured"`` (nn.Sequential whose differentiated parameters are in
+            Linear/ntkit Dense, Conv1d/Conv2d/ntkit Conv or eval BatchNorm layers, all
+            other modules parameter-free; per-layer gradient structure, no whole-model
+            Jacobian), ``"jacobian"`` (per-example Jacobians via
             ``torch.func.vmap(jacrev)``, contracted per parameter), ``"ntk_vp"`` (Jacobian
             rows of an x2 block pushed forward through the x1 block with ``jvp``), or
             ``"auto"`` (the methods are the entries of ``METHOD_TABLE``). Cost model of
@@ -83,13 +85,17 @@ def empirical_ntk(model: nn.Module, x1: Tensorish, x2: Tensorish | None = None, 
             (counted by ``torch.utils.flop_counter``), P the number of selected parameters
             and k = O² for ``"full"``, O otherwise:
 
-            * structured whenever the model qualifies: O(N1 N2 Σ_l (n_{l-1} + O n_l)) —
-              cheaper than either generic method by about a factor P / Σ_l n_l;
-            * otherwise ``jacobian`` ≈ 3 F O (N1 + N2) + 2 N1 N2 P k and
-              ``ntk_vp`` ≈ 3 F O N2 + 3 F O N1 N2 (× the number of parameter tensors when
-              ``per_param``); the smaller estimate wins. Weight sharing (convolutions)
-              makes F ≫ P and favours ``jacobian``; ``output="full"`` with many outputs
-              favours ``ntk_vp``.
+            * ``jacobian`` ≈ 3 F O (N1 + N2) + 2 N1 N2 P k;
+            * ``ntk_vp`` ≈ 3 F O N2 + 3 F O N1 N2 (× the number of parameter tensors
+              when ``per_param``);
+            * ``structured`` (where the model qualifies) ≈ 3 F O (N1 + N2) + 2 N1 N2
+              (Σ_dense (n_in + k n_out) + k P_conv): the same sweep as the Jacobian rows,
+              but a Dense layer costs n_in + k n_out per pair instead of k n_in n_out;
+
+            the smallest estimate wins. Weight sharing (convolutions) makes F ≫ P and
+            disfavours ``ntk_vp``; a Dense readout of many features (Flatten) favours
+            ``structured``; on convolution-only stacks it and ``jacobian`` do the same
+            work.
         output: ``"trace"`` -> ``(N1, N2)``, the mean over outputs of Θ_{oo} (comparable with
             the infinite-width per-output kernel); ``"diagonal"`` -> ``(N1, N2, O)``;
             ``"full"`` -> ``(N1, N2, O, O)``.
