@@ -55,6 +55,14 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process, all threads: on cores shared with other
+    jobs, wall time grows with their load but this does not (a wall time on an idle machine
+    is about cpu / threads)."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
 # ----------------------------------------------------------------------------- one path
 def run_path(args) -> dict:
     """One path end to end in this process; returns its figures (JSON-able)."""
@@ -77,7 +85,7 @@ def run_path(args) -> dict:
         pred = np.vstack([model.predict(net.kernel(Xt[r], X, get="ntk").ntk.numpy())
                           for r in np.array_split(np.arange(len(Xt)),
                                                   max(1, len(Xt) // 2048))])
-        out.update(total=time.perf_counter() - t0, peak_rss=peak_rss_gib())
+        out.update(total=time.perf_counter() - t0, peak_rss=peak_rss_gib(), cpu=cpu_seconds())
         np.save(args.pred_out, pred)
         return out
     if args.path == "matrix_free_timing":
@@ -85,8 +93,10 @@ def run_path(args) -> dict:
         op = nk.scale.KernelOperator(net, X, get="ntk", tile=args.tile)
         v = torch.randn(args.n, OUTPUTS, dtype=torch.float64)
         t1 = time.perf_counter()
+        c1 = cpu_seconds()
         op.matmul(v)
-        out.update(matvec=time.perf_counter() - t1, peak_rss=peak_rss_gib())
+        out.update(matvec=time.perf_counter() - t1, matvec_cpu=cpu_seconds() - c1,
+                   peak_rss=peak_rss_gib())
         return out
     method = "auto" if args.path == "auto" else args.path
     res = nk.scale.solve(net, X, Y, method=method, diag_reg=args.diag_reg, tol=args.tol,
@@ -102,7 +112,7 @@ def run_path(args) -> dict:
                timings=res.timings, details={k: (v if not isinstance(v, float) else v)
                                              for k, v in res.details.items()},
                fit=t_solve, predict=t_pred, total=time.perf_counter() - t0,
-               peak_rss=peak_rss_gib(), history=res.history)
+               peak_rss=peak_rss_gib(), history=res.history, cpu=cpu_seconds())
     if args.store and res.method == "disk_cg":
         out["disk_bytes"] = sum(f.stat().st_size for f in Path(args.store).rglob("*")
                                 if f.is_file())
@@ -215,6 +225,8 @@ def main() -> None:
             check["sklearn_rel"] = rel(sk["pred"], ref)
             check["sklearn_total"] = sk["total"]
             check["sklearn_rss"] = sk["peak_rss"]
+            check["sklearn_cpu"] = sk["cpu"]
+            check["path_total"], check["path_cpu"] = sub["total"], sub["cpu"]
         print("check", check, flush=True)
     if args.quick:
         return
@@ -237,23 +249,28 @@ def _table(args, plan, rows: dict, check: dict, stamp_line: str) -> str:
              "row is its own process (peak RSS = that process's maximum resident memory).", "",
              f"Cost model's choice at this size: **{plan.path}** ({plan.precision}) — "
              f"{plan.reason}.", "",
-             "| path | end to end (s) | kernel (s) | preconditioner (s) | solve (s) | "
+             "Wall times depend on the other jobs sharing the 2 cores; the CPU column (user + "
+             "system seconds of the process, all threads) does not: on an idle machine the "
+             f"end-to-end wall time is about CPU / {args.threads}.", "",
+             "| path | end to end (s) | CPU (s) | kernel (s) | preconditioner (s) | solve (s) | "
              "predict (s) | CG iterations | true rel. residual | peak RSS (GiB) | disk |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def fmt(x, spec=".1f"):
         return "—" if x is None else format(x, spec)
 
     for name, r in rows.items():
         if "error" in r:
-            lines.append(f"| {name} | failed: {r['error']} | | | | | | | | |")
+            lines.append(f"| {name} | failed: {r['error']} | | | | | | | | | |")
             continue
         if name == "matrix_free":
             its = rows.get("auto", {}).get("iterations") or 40
             est = its * r["matvec"] * 1.0 + r["matvec"]
+            cpu = (its + 1) * r["matvec_cpu"]
             lines.append(f"| matrix_free_cg (today's path; **extrapolated**: one K @ v "
-                         f"timed, {r['matvec']:.0f} s, × ({its} iterations + 1 residual)) | "
-                         f"≈ {est:.0f} | — | — | ≈ {its * r['matvec']:.0f} | — | {its} | — | "
+                         f"timed, {r['matvec']:.0f} s wall / {r['matvec_cpu']:.0f} s CPU, × "
+                         f"({its} iterations + 1 residual)) | ≈ {est:.0f} | ≈ {cpu:.0f} | — | — "
+                         f"| ≈ {its * r['matvec']:.0f} | — | {its} | — | "
                          f"{r['peak_rss']:.2f} | — |")
             continue
         t = r.get("timings", {})
@@ -261,20 +278,20 @@ def _table(args, plan, rows: dict, check: dict, stamp_line: str) -> str:
         disk = (f"{r['disk_bytes'] / 2**30:.1f} GiB" if r.get("disk_bytes") else "—")
         lines.append(
             f"| {r.get('method', name)} ({r.get('precision', '')}){mark} | {r['total']:.1f} | "
-            f"{fmt(t.get('kernel'))} | {fmt(t.get('preconditioner'))} | "
+            f"{r['cpu']:.0f} | {fmt(t.get('kernel'))} | {fmt(t.get('preconditioner'))} | "
             f"{fmt(t.get('solve', 0) + t.get('factorise', 0))} | {r['predict']:.1f} | "
             f"{r['iterations']} | {r['residual']:.1e} | {r['peak_rss']:.2f} | {disk} |")
         if r.get("details", {}).get("bytes_read"):
             det = r["details"]
             lines.append(f"|  ↳ reader: {det['bytes_read'] / 2**30:.1f} GiB read in "
                          f"{det['read_seconds']:.0f} s (prefetch thread); arithmetic waited "
-                         f"{det['wait_seconds']:.0f} s | | | | | | | | | |")
+                         f"{det['wait_seconds']:.0f} s | | | | | | | | | | |")
     f64 = 8 * n * n / 2**30
     if f64 > 0.5 * plan.ram_limit / 2**30:  # K, plus scipy's copy for the solve
         lines.append(f"| scikit-learn KernelRidge(kernel='precomputed') | does not fit: the "
                      f"float64 K alone is {f64:.1f} GiB and the solve copies it (RAM limit "
                      f"{plan.ram_limit / 2**30:.1f} GiB); see the subsample below | | | | | | "
-                     "| | |")
+                     "| | | |")
     lines.append("")
     if check:
         lines.append(
@@ -283,7 +300,8 @@ def _table(args, plan, rows: dict, check: dict, stamp_line: str) -> str:
             f"**{check['rel']:.1e}** (relative Frobenius norm) of a float64 Cholesky solve of "
             f"the float64 kernel (torch; {check['ref_seconds']:.0f} s)."
             + (f" scikit-learn KernelRidge(precomputed, float64 kernel) on the same subsample: "
-               f"{check['sklearn_total']:.0f} s end to end, peak RSS "
+               f"{check['sklearn_total']:.0f} s end to end ({check['sklearn_cpu']:.0f} s CPU), "
+               "peak RSS "
                f"{check['sklearn_rss']:.1f} GiB, predictions within "
                f"{check['sklearn_rel']:.1e}." if "sklearn_rel" in check else ""))
         lines.append("")

@@ -421,7 +421,7 @@ def test_solver_is_validated(Est):
     X, y, Xt = _regression(n=30)
     if Est is NTKClassifier:
         y = (y > 0).astype(int)
-    with pytest.raises(ValueError, match="solver must be one of 'direct', 'cg'; got 'lsqr'"):
+    with pytest.raises(ValueError, match="solver must be one of 'auto', 'direct', 'cg'; got 'lsqr'"):
         Est(solver="lsqr").fit(X, y)
     with pytest.raises(ValueError, match=r"solver='cg' gives only the converged solution "
                                          r"\(t = inf\); got t=5.0"):

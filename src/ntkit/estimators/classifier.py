@@ -49,11 +49,13 @@ class NTKClassifier(ClassifierMixin, _InfiniteNetworkBase):
     Args:
         get: the kernel, "ntk" (default) or "nngp" (as in ``net.kernel(..., get=)``).
         loss: "mse" or "cross_entropy".
-        solver: "direct" or "cg" (``loss="mse"`` and ``t = inf`` only), as in
-            :class:`NTKRegressor`.
+        solver: "auto" (default), "direct" or "cg" (``loss="mse"`` and ``t = inf``
+            only), as in :class:`NTKRegressor`; ``loss="cross_entropy"`` always fits
+            directly.
         kernel: deprecated former name of ``get`` (``None``: not given); a
             ``DeprecationWarning`` at ``fit``.
-        Others as :class:`NTKRegressor`.
+        Others (``input_shape``, ``memory_budget``, ``store``, ...) as
+            :class:`NTKRegressor`.
 
     Attributes:
         classes_, net_, ridge_, n_iter_ (as :class:`NTKRegressor`); ``n_flow_evaluations_``:
@@ -64,16 +66,18 @@ class NTKClassifier(ClassifierMixin, _InfiniteNetworkBase):
                  W_std: float = 1.0, b_std: float = 0.1, parameterization: str = "ntk",
                  width: int = _DEFAULT_WIDTH, t: float = np.inf, diag_reg: float = 0.0,
                  diag_reg_absolute_scale: bool = False, get: str = "ntk",
-                 loss: str = "mse", solver: str = "direct", cg_tol: float | None = None,
+                 loss: str = "mse", solver: str = "auto", cg_tol: float | None = None,
                  cg_max_iter: int = _CG_MAX_ITER, n_landmarks: int = 1000,
                  dtype: str = "float64", device: str | None = None,
-                 kernel: str | None = None):
+                 kernel: str | None = None, input_shape: tuple[int, ...] | None = None,
+                 memory_budget: int | None = None, store: str | None = None):
         super().__init__(net, depth=depth, activation=activation, W_std=W_std, b_std=b_std,
                          parameterization=parameterization, width=width, t=t,
                          diag_reg=diag_reg,
                          diag_reg_absolute_scale=diag_reg_absolute_scale, solver=solver,
                          cg_tol=cg_tol, cg_max_iter=cg_max_iter, n_landmarks=n_landmarks,
-                         dtype=dtype, device=device)
+                         dtype=dtype, device=device, input_shape=input_shape,
+                         memory_budget=memory_budget, store=store)
         self.get = get
         self.loss = loss
         self.kernel = kernel

@@ -19,11 +19,19 @@ Conventions
   This is ``ntkit.predict.gradient_descent_mse(Θ, Y, cost="jgh", learning_rate=1)``.
   At ``t = inf`` a singular ``Θ`` (repeated inputs with ``diag_reg = 0``) is solved with its
   pseudo-inverse.
-* ``solver``: ``"direct"`` forms the ``N × N`` train kernel and factorises it (Cholesky at
-  ``t = inf``, an eigendecomposition for finite ``t``); ``"cg"`` solves ``(K + λ I) α = Y``
-  by Nyström-preconditioned conjugate gradients over tiled kernel mat-vecs
-  (:func:`ntkit.scale.solve`), never holding the train kernel: it needs ``t = inf`` and
-  ``diag_reg > 0``, and gives the mean only (no ``return_std``).
+* ``solver``: ``"auto"`` (default) asks the cost model of :func:`ntkit.scale.solve`
+  (:func:`ntkit.scale.plan_solve`) which path fits the training set: while a float64 train
+  kernel fits comfortably it is ``"direct"``; past that (``t = inf`` and ``diag_reg > 0``
+  only) the float32 in-RAM, out-of-core (``store=``) or matrix-free CG paths of
+  :func:`ntkit.scale.solve`, which give the mean only (no ``return_std``). The choice is
+  logged and kept in ``solver_path_`` and ``solve_plan_``. ``"direct"`` forms the ``N × N``
+  train kernel and factorises it (Cholesky at ``t = inf``, an eigendecomposition for finite
+  ``t``); ``"cg"`` solves ``(K + λ I) α = Y`` by Nyström-preconditioned conjugate gradients
+  over tiled kernel mat-vecs, never holding the train kernel: it needs ``t = inf`` and
+  ``diag_reg > 0``, and gives the mean only.
+* Images: with ``input_shape=(C, H, W)`` (or any shape) ``X`` stays a flat ``(N, C·H·W)``
+  array, as scikit-learn expects, and each row is reshaped to ``input_shape`` before the
+  kernel (for convolutional networks). Such inputs use the direct path.
 * ``predict(X, return_std=True)``: the standard deviation over the infinite ensemble of
   randomly initialised networks trained to time ``t`` (Lee et al. 2019):
   ``Var f_t(x) = K(x,x) + k(x,X) T K_reg T k(X,x) − 2 k(x,X) T K(X,x)`` with
@@ -54,13 +62,14 @@ from ..layers.base import Layer
 from ..predict._mse import mse_predictor
 from ..scale.solvers import KernelOperator, solve_validated
 from ..scale.tiled import DEFAULT_TILE, tile_slices
+from ._shapes import check_input_shape
 
 _DEFAULT_WIDTH = 512  # the declared hidden width; only the standard-param kernel depends on it
 # Features whose root mean square exceeds this are "large": standardising them is the first
 # thing to try when the train kernel comes out indefinite (smooth activations' duals are
 # integrals that lose accuracy at large pre-activation variances).
 _LARGE_FEATURE_SCALE = 3.0
-_SOLVERS = ("direct", "cg")
+_SOLVERS = ("auto", "direct", "cg")
 # Relative residual at which CG stops: prediction errors are about this size relative to y.
 _CG_TOL = {torch.float64: 1e-8, torch.float32: 1e-5}
 _CG_MAX_ITER = 1000
@@ -85,9 +94,11 @@ class _InfiniteNetworkBase(BaseEstimator):
     def __init__(self, net: Layer | None = None, *, depth: int = 3, activation: Any = "relu",
                  W_std: float = 1.0, b_std: float = 0.1, parameterization: str = "ntk",
                  width: int = _DEFAULT_WIDTH, t: float = np.inf, diag_reg: float = 0.0,
-                 diag_reg_absolute_scale: bool = False, solver: str = "direct",
+                 diag_reg_absolute_scale: bool = False, solver: str = "auto",
                  cg_tol: float | None = None, cg_max_iter: int = _CG_MAX_ITER,
-                 n_landmarks: int = 1000, dtype: str = "float64", device: str | None = None):
+                 n_landmarks: int = 1000, dtype: str = "float64", device: str | None = None,
+                 input_shape: tuple[int, ...] | None = None, memory_budget: int | None = None,
+                 store: str | None = None):
         self.net = net
         self.depth = depth
         self.activation = activation
@@ -104,6 +115,9 @@ class _InfiniteNetworkBase(BaseEstimator):
         self.n_landmarks = n_landmarks
         self.dtype = dtype
         self.device = device
+        self.input_shape = input_shape
+        self.memory_budget = memory_budget
+        self.store = store
 
     # ------------------------------------------------------------------ helpers
     def _build_net(self) -> Layer:
@@ -122,7 +136,11 @@ class _InfiniteNetworkBase(BaseEstimator):
         X = np.asarray(X)
         if not X.flags.writeable:  # read-only memmaps: torch needs a writable buffer
             X = X.copy()
-        return torch.as_tensor(X, dtype=self._dtype, device=self._device)
+        t = torch.as_tensor(X, dtype=self._dtype, device=self._device)
+        if self._input_shape is not None and t.ndim == 2:
+            # Flat rows, as scikit-learn passes them, become images for the kernel.
+            t = t.reshape(t.shape[0], *self._input_shape)
+        return t
 
     def _kernel(self, X1: torch.Tensor, X2: torch.Tensor | None, get: str) -> torch.Tensor:
         # net.kernel tiles within its memory budget and refuses a dense kernel that cannot
@@ -156,16 +174,56 @@ class _InfiniteNetworkBase(BaseEstimator):
                                  f"in float64, 1e-5 in float32); got {self.cg_tol!r}.")
             check_positive_int(self.cg_max_iter, "cg_max_iter")
             check_positive_int(self.n_landmarks, "n_landmarks")
+        self._input_shape = check_input_shape(self.input_shape,
+                                              getattr(self, "n_features_in_", None))
         self._flow = None         # the ntkit.predict flow (solver='direct', loss='mse')
         self._nngp_train = None   # computed on the first predict(..., return_std=True)
         self.n_iter_ = None
+        self.solver_path_ = None  # the path that fitted: "direct", "cg", "dense_cg", ...
+        self.solve_plan_ = None   # the cost model's plan (solver="auto")
+
+    def _auto_path(self, X: np.ndarray, k: int) -> str:
+        """``"direct"`` or a path of :func:`ntkit.scale.solve`, from the cost model."""
+        from ..scale.plan import plan_solve
+        from ..scale.solvers import _count_dense
+
+        scale_possible = (math.isinf(self._t) and float(self.diag_reg) > 0
+                          and self._input_shape is None)
+        plan = plan_solve(X.shape[0], k, n_features=X.shape[1],
+                          depth=max(1, _count_dense(self.net_)),
+                          memory_budget=self.memory_budget, store=self.store,
+                          ridge_positive=scale_possible,
+                          n_landmarks=int(self.n_landmarks)) if scale_possible else None
+        self.solve_plan_ = plan
+        if plan is None or (plan.path, plan.precision) == ("direct", "float64"):
+            return "direct"  # the closed form: finite t, return_std, pseudo-inverse
+        return plan.path
 
     def _fit_mse(self, X: np.ndarray, Y: np.ndarray) -> None:
         """Fit the closed-form flow on ``Y`` of shape ``(N, k)``."""
         self._check_params()
         Xt, Yt = self._tensor(X), self._tensor(Y)
         self._X_train = Xt
-        if self.solver == "cg":
+        path = self._auto_path(X, Y.shape[1]) if self.solver == "auto" else self.solver
+        self.solver_path_ = path
+        if path not in ("direct", "cg"):
+            from ..scale.solvers import _solve_planned
+
+            tol = _CG_TOL[torch.float64] if self.cg_tol is None else float(self.cg_tol)
+            result = _solve_planned(self.net_, Xt, Yt, method=path, diag_reg=self.diag_reg,
+                                    absolute=self.diag_reg_absolute_scale, tol=tol,
+                                    max_iter=int(self.cg_max_iter), get=self._get,
+                                    n_landmarks=int(self.n_landmarks), tile=DEFAULT_TILE,
+                                    seed=0, dtype=torch.float64, progress=False,
+                                    callback=None, memory_budget=self.memory_budget,
+                                    store=self.store, client=None)
+            self._warn_unconverged(result, tol)
+            self.ridge_ = result.ridge
+            self._coef = result.coef.to(self._dtype)
+            self.n_iter_ = result.iterations
+            self.solve_plan_ = result.plan
+            return
+        if path == "cg":
             tol = _CG_TOL[self._dtype] if self.cg_tol is None else float(self.cg_tol)
             op = KernelOperator.from_validated(self.net_, Xt, get=self._get)
             result = solve_validated(op, Yt, method="cg", preconditioner="nystrom",
@@ -173,12 +231,7 @@ class _InfiniteNetworkBase(BaseEstimator):
                                      diag_reg_absolute_scale=self.diag_reg_absolute_scale,
                                      tol=tol, max_iter=int(self.cg_max_iter),
                                      n_landmarks=int(self.n_landmarks))
-            if not result.converged:
-                warnings.warn(f"solver='cg' stopped after {result.iterations} iterations at "
-                              f"relative residual {result.residual:.2e} (tolerance {tol:.0e}); "
-                              "the predictions are approximate. A larger diag_reg converges "
-                              "faster; solver='direct' is exact.", ConvergenceWarning,
-                              stacklevel=3)
+            self._warn_unconverged(result, tol)
             self.ridge_ = result.ridge
             self._coef = result.coef
             self.n_iter_ = result.iterations
@@ -199,14 +252,22 @@ class _InfiniteNetworkBase(BaseEstimator):
         except ValueError as err:  # an overflowing or indefinite train kernel
             raise ValueError(f"{err} {_input_scale_hint(X)}") from err
 
+    def _warn_unconverged(self, result, tol: float) -> None:
+        if not result.converged:
+            warnings.warn(f"solver={self.solver_path_!r} stopped after {result.iterations} "
+                          f"iterations at relative residual {result.residual:.2e} (tolerance "
+                          f"{tol:.0e}); the predictions are approximate. A larger diag_reg "
+                          "converges faster; solver='direct' is exact.", ConvergenceWarning,
+                          stacklevel=4)
+
     def _predict_tensors(self, X: np.ndarray, return_std: bool = False
                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Outputs ``(n, k)`` and, with ``return_std``, the ensemble std ``(n,)``, computed in
         blocks of test rows so that the test-train kernel is never held whole."""
         if return_std and self._flow is None:
             raise ValueError("return_std=True needs solver='direct': the ensemble variance "
-                             "uses the factorised N x N train kernel, which solver='cg' never "
-                             "forms.")
+                             "uses the factorised N x N train kernel, which the "
+                             f"{self.solver_path_!r} path never keeps.")
         Xt = self._tensor(X)
         n_train = self._X_train.shape[0]
         mean = torch.empty((Xt.shape[0], self._coef.shape[1]), dtype=self._dtype,
@@ -308,7 +369,8 @@ class NTKRegressor(_InfiniteNetworkRegressor):
             A finite ``t`` is early stopping.
         diag_reg: ridge, relative to the mean diagonal of the train kernel unless
             ``diag_reg_absolute_scale``.
-        solver: "direct" (default): form the ``N × N`` train kernel and factorise it. "cg":
+        solver: "auto" (default): the cost model's path (see the module docstring);
+            "direct": form the ``N × N`` train kernel and factorise it. "cg":
             for ``t = inf`` only, solve ``(K + λ I) α = y`` by Nyström-preconditioned
             conjugate gradients over tiled kernel mat-vecs, never holding the train kernel
             (for ``N`` too large for memory); needs ``diag_reg > 0`` and does not support
@@ -322,10 +384,21 @@ class NTKRegressor(_InfiniteNetworkRegressor):
             ``O(N m + m³)`` once and save iterations.
         dtype: "float64" (default) or "float32".
         device: torch device for the kernels (e.g. "cuda"); default CPU.
+        input_shape: ``None`` (rows are feature vectors) or the shape of one example, e.g.
+            ``(C, H, W)`` for a convolutional ``net``: ``X`` stays flat, ``(N, C·H·W)``, and
+            each row is reshaped to it before the kernel; ``prod(input_shape)`` must equal
+            the number of features.
+        memory_budget: most bytes of RAM ``solver="auto"`` may plan for (the free RAM caps
+            it anyway).
+        store: a directory where ``solver="auto"`` may keep an out-of-core train kernel
+            (and resume it); ``None``: never on disk.
 
     Attributes:
         net_: the network used. ``ridge_``: the absolute ridge λ. ``n_iter_``: conjugate-
-        gradient iterations (``solver="cg"``; ``None`` otherwise). ``n_features_in_``.
+        gradient iterations (CG paths; ``None`` otherwise). ``solver_path_``: the path that
+        fitted (``"direct"``, ``"cg"``, ``"dense_cg"``, ``"disk_cg"``,
+        ``"matrix_free_cg"``). ``solve_plan_``: the cost model's plan (``solver="auto"``
+        with ``t = inf`` and ``diag_reg > 0``; else ``None``). ``n_features_in_``.
     """
 
     _get = "ntk"
