@@ -155,8 +155,7 @@ def _flat_mask(spatial: tuple[int, ...], d: int, delta: int, pairs: bool, dtype:
 
 
 def _same_stride1_pass(t: torch.Tensor, spatial: tuple[int, ...], d: int, k: int,
-                       pairs: bool, scale: float = 1.0, bias: float = 0.0,
-                       add: torch.Tensor | None = None) -> torch.Tensor:
+                       pairs: bool) -> torch.Tensor:
     """The fast path of one dimension of a stride-1 ``"same"`` window sum: the spatial
     axes of each image are flattened to one pixel axis ``P`` (a view), so each shifted add
     runs over long contiguous stretches (``P - |shift|`` entries) instead of rows of ``W``.
@@ -164,16 +163,15 @@ def _same_stride1_pass(t: torch.Tensor, spatial: tuple[int, ...], d: int, k: int
     positions whose coordinate ``d`` leaves the image are excluded by the range for the
     outermost dimension and by a 0/1 mask (one fused multiply-add) for the others. Exact:
     the mask multiplies by 0 or 1 (a non-finite entry next to the border would turn into
-    NaN instead of being dropped; the evaluator refuses non-finite tiles anyway).
-
-    Returns ``scale * (window sum) + bias + add``: the scale rides on the first write and
-    on each add (``alpha``), ``bias``/``add`` on the first write, so they cost no pass."""
+    NaN instead of being dropped; the evaluator refuses non-finite tiles anyway). Only
+    additions (and exact multiplications by 0 or 1), so every entry is rounded the same way
+    wherever it sits in the tensor."""
     ndim = len(spatial)
     n_pix = math.prod(spatial)
     batch = t.shape[:t.dim() - (2 * ndim if pairs else ndim)]
     flat_shape = (*batch, n_pix, n_pix) if pairs else (*batch, n_pix)
     src = t.reshape(flat_shape)
-    out = _first_write(src, scale, bias, add, t.shape)
+    out = src.clone(memory_format=torch.contiguous_format)
     before = (k - 1) // 2
     step = math.prod(spatial[d + 1:])
     for o in range(k):
@@ -190,27 +188,12 @@ def _same_stride1_pass(t: torch.Tensor, spatial: tuple[int, ...], d: int, k: int
         else:
             o_view, i_view = out[..., r_out], src[..., r_in]
         if d == 0:
-            o_view.add_(i_view, alpha=scale)
+            o_view += i_view
         else:
             mask = _flat_mask(spatial, d, delta, pairs, t.dtype, str(t.device))
             mask = mask[r_out, r_out] if pairs else mask[r_out]
-            o_view.addcmul_(i_view, mask, value=scale)
+            o_view.addcmul_(i_view, mask)
     return out.reshape(t.shape)
-
-
-def _first_write(src: torch.Tensor, scale: float, bias: float, add: torch.Tensor | None,
-                 shape: tuple[int, ...]) -> torch.Tensor:
-    """A fresh contiguous ``scale * src + bias + add``, in one pass over ``src`` in the
-    usual cases; ``add`` is broadcast to ``shape`` (the unflattened output shape, whose
-    element count is ``src``'s) and then viewed as ``src``'s shape."""
-    if add is not None:
-        out = torch.add(torch.broadcast_to(add, shape).reshape(src.shape), src, alpha=scale)
-        return out.add_(bias) if bias != 0.0 else out
-    if bias != 0.0:
-        return torch.add(src.new_tensor(bias), src, alpha=scale)
-    if scale != 1.0:
-        return torch.mul(src, scale)
-    return src.clone(memory_format=torch.contiguous_format)
 
 
 def _spatial_shape(t: torch.Tensor, ndim: int, pairs: bool, name: str) -> tuple[int, ...]:
@@ -249,10 +232,10 @@ def window_sum(t: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int
 
     ``scale``, ``bias``, ``add``: return ``scale * out + bias + add`` instead (``add`` a
     tensor of the output's shape, or broadcastable to it) -- a convolution's
-    ``Σ' = W_std²/|w| · Σ_o Σ + b_std²`` and ``Θ' = Σ' + W_std²/|w| · Σ_o Θ`` -- fused into
-    the passes at no extra pass over the tile (stride-1 ``"same"``; other windows pay one
-    in-place pass). Tensor ``scale``/``bias`` (kernel learning) are applied out of place,
-    after the sum, so gradients flow to them. The result is always a fresh tensor.
+    ``Σ' = W_std²/|w| · Σ_o Σ + b_std²`` and ``Θ' = Σ' + W_std²/|w| · Σ_o Θ`` -- in place on
+    the fresh sum (no temporaries), bit for bit the unfused expression. Tensor
+    ``scale``/``bias`` (kernel learning) are applied out of place, so gradients flow to
+    them. The result is always a fresh tensor.
     """
     kernel_size = tuple(kernel_size) if not isinstance(kernel_size, int) else (kernel_size,)
     ndim = len(kernel_size)
@@ -273,20 +256,25 @@ def window_sum(t: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int
         # the scale on the first pass and the constant terms on the last.
         passes = [d for d in range(ndim) if kernel_size[d] > 1]
         if not passes:
-            return _first_write(t, scale, bias, add, t.shape)
-        for j, d in enumerate(passes):
-            last = j == len(passes) - 1
-            t = _same_stride1_pass(t, spatial, d, kernel_size[d], pairs,
-                                   scale=scale if j == 0 else 1.0,
-                                   bias=bias if last else 0.0, add=add if last else None)
-        return t
+            return _affine_(t.clone(memory_format=torch.contiguous_format), scale, bias, add)
+        for d in passes:
+            t = _same_stride1_pass(t, spatial, d, kernel_size[d], pairs)
+        return _affine_(t, scale, bias, add)
     for d in order:
         if pairs:
             axes = (d - 2 * ndim, d - ndim)
         else:
             axes = (d - ndim,)
         t = _shift_sum(t, axes, spatial[d], kernel_size[d], stride[d], padding)
-    # t is a fresh tensor here: the affine terms in place, one pass each.
+    return _affine_(t, scale, bias, add)
+
+
+def _affine_(t: torch.Tensor, scale: float, bias: float, add: torch.Tensor | None
+             ) -> torch.Tensor:
+    """``t * scale + bias + add`` on the fresh tensor ``t``, in place: one rounding per
+    operation, in this order, so the result is bit for bit the unfused expression whatever
+    the tensor's shape (no fused multiply-add, whose vector lanes and scalar tails would
+    round differently and break exact equalities between tilings and layouts)."""
     if scale != 1.0:
         t.mul_(scale)
     if bias != 0.0:
