@@ -514,3 +514,69 @@ def test_fit_validates_the_data_once(monkeypatch):
     NTKRegressor().fit(X, y)
     assert not any(name in ("y", "y_train", "k_train_train") for name in seen), seen
     assert len(seen) <= 1, seen
+
+
+# ----------------------------------------------------------------------------- solver="auto"
+def test_auto_solver_is_direct_while_float64_fits():
+    X, y, Xt = _regression()
+    auto = NTKRegressor(diag_reg=1e-3).fit(X, y)
+    assert auto.solver == "auto" and auto.solver_path_ == "direct"
+    assert auto.solve_plan_.path == "direct" and auto.solve_plan_.precision == "float64"
+    direct = NTKRegressor(diag_reg=1e-3, solver="direct").fit(X, y)
+    np.testing.assert_array_equal(auto.predict(Xt), direct.predict(Xt))
+    # Finite t or no ridge: the closed form, without asking the cost model.
+    assert NTKRegressor(t=5.0).fit(X, y).solve_plan_ is None
+
+
+@pytest.mark.parametrize("path", ["dense_cg", "disk_cg", "matrix_free_cg"])
+def test_auto_solver_past_memory_takes_the_scale_paths(path, monkeypatch, tmp_path):
+    from ntkit.scale import plan as plan_module
+
+    real = plan_module.plan_solve
+
+    def tight_machine(n, k=1, *, method="auto", **kwargs):
+        # What the cost model answers when a float64 K does not fit (tests/test_solve_paths.py
+        # checks those answers on synthetic sizes): here, the path of this test case.
+        return real(n, k, method=path if method == "auto" else method, **kwargs)
+
+    monkeypatch.setattr(plan_module, "plan_solve", tight_machine)
+    X, Y, Xt = _regression(n=150, k=2)
+    model = NTKRegressor(diag_reg=1e-3, store=str(tmp_path / "k")).fit(X, Y)
+    assert model.solver_path_ == path == model.solve_plan_.path
+    assert model.n_iter_ >= 1
+    direct = NTKRegressor(diag_reg=1e-3, solver="direct").fit(X, Y).predict(Xt)
+    # float32 storage of K: predictions agree to ~1e-7 relative (see test_solve_paths.py).
+    np.testing.assert_allclose(model.predict(Xt), direct, rtol=0,
+                               atol=1e-5 * np.abs(direct).max())
+    with pytest.raises(ValueError, match="return_std=True needs solver='direct'"):
+        model.predict(Xt, return_std=True)
+
+
+# ----------------------------------------------------------------------------- input_shape
+def test_input_shape_reshapes_flat_rows_for_a_conv_net():
+    gen = np.random.default_rng(0)
+    images = gen.standard_normal((30, 2, 4, 4))
+    y = gen.standard_normal(30)
+    test = gen.standard_normal((7, 2, 4, 4))
+    net = nk.serial(nk.Conv(3, (2, 2)), nk.ReLU(), nk.Flatten(), nk.Dense(1))
+    model = NTKRegressor(net=net, input_shape=(2, 4, 4), diag_reg=1e-3)
+    model.fit(images.reshape(30, -1), y)  # X flat, (N, C*H*W), as scikit-learn expects
+    assert model.n_features_in_ == 32 and model.solver_path_ == "direct"
+    K = net.kernel(images, get="ntk").ntk.numpy()
+    Kt = net.kernel(test, images, get="ntk").ntk.numpy()
+    lam = 1e-3 * np.trace(K) / len(K)
+    expected = Kt @ scipy.linalg.solve(K + lam * np.eye(30), y, assume_a="pos")
+    np.testing.assert_allclose(model.predict(test.reshape(7, -1)), expected, rtol=1e-9,
+                               atol=1e-10)
+    clf = NTKClassifier(net=net, input_shape=[2, 4, 4]).fit(images.reshape(30, -1), y > 0)
+    assert clf.predict(test.reshape(7, -1)).shape == (7,)
+
+
+def test_input_shape_is_validated_against_the_features():
+    X, y, _ = _regression(d=6)
+    with pytest.raises(ValueError, match=r"input_shape=\(1, 2, 2\) holds 4 values per "
+                                         r"example, but X has 6 features .* \(N, 1 \* 2 \* 2\)"):
+        NTKRegressor(input_shape=(1, 2, 2)).fit(X, y)
+    for bad in [(0, 6), (2.5, 2), "6", (True, 6)]:
+        with pytest.raises(ValueError, match="input_shape must be None or a tuple of positive"):
+            NTKRegressor(input_shape=bad).fit(X, y)

@@ -118,7 +118,8 @@ class NTKClassifier(ClassifierMixin, _InfiniteNetworkBase):
             theta = self._kernel(Xt, None, self._get)  # refuses a kernel that overflows
             self.ridge_ = resolve_ridge(self.diag_reg, theta.diagonal(),
                                         self.diag_reg_absolute_scale)
-            flow = flow_predictor("cross_entropy", theta, self._tensor(Y), learning_rate=1.0,
+            flow = flow_predictor("cross_entropy", theta, self._tensor(Y, inputs=False),
+                                  learning_rate=1.0,
                                   cost="jgh", method="LSODA" if small else "RK45", rtol=1e-8,
                                   atol=1e-10, diag_reg=self.ridge_, absolute=True)
             del theta

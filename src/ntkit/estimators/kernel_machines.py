@@ -132,12 +132,14 @@ class _InfiniteNetworkBase(BaseEstimator):
         return mlp(self.depth, width, activation=self.activation, W_std=self.W_std,
                    b_std=self.b_std, out_dim=1, parameterization=self.parameterization)
 
-    def _tensor(self, X: np.ndarray) -> torch.Tensor:
+    def _tensor(self, X: np.ndarray, inputs: bool = True) -> torch.Tensor:
+        """``X`` as a tensor in the estimator's dtype and device; inputs (``inputs=True``,
+        not targets) are reshaped to ``(N, *input_shape)`` when one is set."""
         X = np.asarray(X)
         if not X.flags.writeable:  # read-only memmaps: torch needs a writable buffer
             X = X.copy()
         t = torch.as_tensor(X, dtype=self._dtype, device=self._device)
-        if self._input_shape is not None and t.ndim == 2:
+        if inputs and self._input_shape is not None and t.ndim == 2:
             # Flat rows, as scikit-learn passes them, become images for the kernel.
             t = t.reshape(t.shape[0], *self._input_shape)
         return t
@@ -202,7 +204,7 @@ class _InfiniteNetworkBase(BaseEstimator):
     def _fit_mse(self, X: np.ndarray, Y: np.ndarray) -> None:
         """Fit the closed-form flow on ``Y`` of shape ``(N, k)``."""
         self._check_params()
-        Xt, Yt = self._tensor(X), self._tensor(Y)
+        Xt, Yt = self._tensor(X), self._tensor(Y, inputs=False)
         self._X_train = Xt
         path = self._auto_path(X, Y.shape[1]) if self.solver == "auto" else self.solver
         self.solver_path_ = path
