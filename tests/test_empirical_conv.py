@@ -277,3 +277,34 @@ def test_conv_subclass_with_its_own_forward_is_not_structured():
                                          r"convolution's forward"):
         nk.empirical_ntk(model, x, method="structured")
     assert rel_err(nk.empirical_ntk(model, x, output="full"), naive_ntk(model, x)) < 1e-10
+
+
+def test_pixel_pair_contraction_on_small_feature_maps():
+    # Late layers with few pixels and many channels: the pixel-pair order (patch Gram times
+    # signal Gram, summed over (p, q)) is cheaper than the per-example weight gradient, and
+    # chosen per layer; both orders must give the same kernel.
+    from ntkit.kernels.empirical.structured import _pixel_pairs, structured_plan
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+        nn.AvgPool2d(2), nn.Conv2d(32, 32, 3, padding=1, stride=2), _bn(32), nn.ReLU(),
+        nn.Flatten(), nn.Linear(32, 3)).to(F64).eval()
+    x1, x2 = _inputs((3, 4, 4))
+    steps, _ = structured_plan(model, None, x1[:1])
+    for output in OUTPUTS:
+        assert [s.name for s in steps if _pixel_pairs(s, 3, output)] == ["5"]
+    for xx2 in (x2, None):
+        ref = naive_ntk(model, x1, xx2)
+        for output in OUTPUTS:
+            got = nk.empirical_ntk(model, x1, xx2, method="structured", output=output)
+            assert rel_err(got, reduce(ref, output)) < 1e-10, output
+    _, parts = nk.empirical_ntk(model, x1, x2, method="structured", output="full",
+                                per_param=True)
+    for key in ("5.weight", "5.bias", "2.weight"):
+        assert rel_err(parts[key], naive_ntk(model, x1, x2, names=[key])) < 1e-10, key
+    atol = schedule_atol(model, x1, x2)
+    torch.testing.assert_close(
+        nk.empirical_ntk(model, x1, x2, method="structured", output="full", batch_size=1),
+        nk.empirical_ntk(model, x1, x2, method="structured", output="full"), rtol=0,
+        atol=atol)

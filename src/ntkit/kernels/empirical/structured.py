@@ -21,12 +21,16 @@ signals at once, ``δ_l(x) = ∂f/∂z_l ∈ R^{O × shape(z_l)}``. Per layer:
       Θ_l(x, x')_{oo'} = s_w² Σ_c Σ_{p,p'} δ_{o,c,p}(x) δ_{o',c,p'}(x') ⟨U_p(x), U_p'(x')⟩
                        = s_w² ⟨G_o(x), G_o'(x')⟩,   G_o(x) = δ_o(x) U(x)ᵀ ∈ R^{C_out×K}
 
-  (bias: ``s_b² Σ_c (Σ_p δ_{o,c,p})(Σ_p' δ_{o',c,p'})``). The pixel-pair form costs
-  O(P² (K + k C_out)) per pair of examples and the factored one O(k C_out K), smaller
-  whenever P² (K + k C_out) > k C_out K — for every layer with more than a few pixels — so
-  the factored form is used: one ``(O·C_out × P) @ (P × K)`` product per example builds the
-  per-example weight gradient (the sum over pixels is done once per example, not once per
-  pair), then one Gram.
+  (bias: ``s_b² Σ_c (Σ_p δ_{o,c,p})(Σ_p' δ_{o',c,p'})``). Two orders, chosen per layer:
+
+  - factored (``G``): one ``(O·C_out × P) @ (P × K)`` product per example builds the
+    per-example weight gradient — the sum over pixels done once per example, not once per
+    pair — then one Gram: O(k C_out K) per pair of examples (k = O, or O² for "full"),
+    ``O C_out K`` numbers kept per example;
+  - pixel pairs: the patch Gram ``⟨U_p(x), U_p'(x')⟩`` and the signal Gram over channels,
+    multiplied and summed over (p, p'): O(P² (K + k C_out)) per pair, ``P (K + O C_out)``
+    numbers per example. Cheaper only for small feature maps (P² < k C_out K / (K + k C_out),
+    e.g. 4×4 maps with 128 channels), where it also holds far less than ``G``.
 * BatchNorm (eval) ``y = γ x̂ + β`` with fixed statistics: ``∂f_o/∂γ_c = Σ_p δ_{o,c,p} x̂_{c,p}``,
   ``∂f_o/∂β_c = Σ_p δ_{o,c,p}``, then one Gram.
 
@@ -319,9 +323,44 @@ def _bn_grads(s: _Step, a: torch.Tensor, delta: torch.Tensor, c: float
     return out
 
 
-def _structured_features(steps: list[_Step], n_out: int, per_param: bool
-                         ) -> Callable[[torch.Tensor], tuple[list, dict]]:
-    """Per example block: ``(dense_terms, grads)``.
+def _pixel_pairs(s: _Step, n_out: int, output: str) -> bool:
+    """Whether conv step ``s`` is contracted over pixel pairs rather than through its
+    per-example weight gradient: per pair of examples P² (K + k C_out) against k C_out K
+    multiply-adds (k = O, or O² for "full"). Grouped convolutions use the gradient."""
+    if s.kind != "conv" or not s.weight or s.module.groups != 1 or not s.probed:
+        return False
+    k = n_out * n_out if output == "full" else n_out
+    p = math.prod(s.out_shape[1:])
+    kk, c = s.module.weight[0].numel(), s.module.out_channels
+    return p * p * (kk + k * c) < k * c * kk
+
+
+def _pixel_pair_block(u1: torch.Tensor, d1: torch.Tensor, u2: torch.Tensor,
+                      d2: torch.Tensor, output: str) -> torch.Tensor:
+    """Σ_c Σ_{p,q} δ1_{o,c,p} δ2_{o',c,q} ⟨U1_p, U2_q⟩ for a block pair: patches
+    ``u: (B, P, K)`` (already scaled), signals ``d: (B, O, C, P)``; reduced as ``output``."""
+    b1, p, kk = u1.shape
+    b2, q = u2.shape[0], u2.shape[1]
+    o, ch = d1.shape[1], d1.shape[2]
+    m = (u1.reshape(b1 * p, kk) @ u2.reshape(b2 * q, kk).T).reshape(b1, p, b2, q)
+    if output == "trace":
+        e1 = d1.permute(0, 3, 1, 2).reshape(b1 * p, o * ch)
+        e2 = d2.permute(0, 3, 1, 2).reshape(b2 * q, o * ch)
+        return torch.einsum("apbq,apbq->ab", m, (e1 @ e2.T).reshape(b1, p, b2, q)).div_(o)
+    if output == "diagonal":
+        e1 = d1.permute(1, 0, 3, 2).reshape(o, b1 * p, ch)
+        e2 = d2.permute(1, 0, 3, 2).reshape(o, b2 * q, ch)
+        d = torch.bmm(e1, e2.transpose(1, 2)).reshape(o, b1, p, b2, q)
+        return torch.einsum("apbq,oapbq->abo", m, d)
+    e1 = d1.permute(0, 1, 3, 2).reshape(b1 * o * p, ch)
+    e2 = d2.permute(0, 1, 3, 2).reshape(b2 * o * q, ch)
+    d = (e1 @ e2.T).reshape(b1, o, p, b2, o, q)
+    return torch.einsum("apbq,aopbrq->abor", m, d)
+
+
+def _structured_features(steps: list[_Step], n_out: int, per_param: bool, output: str
+                         ) -> Callable[[torch.Tensor], tuple[list, dict, list]]:
+    """Per example block: ``(dense_terms, grads, pair_terms)``.
 
     ``dense_terms``: ``(step, a_l, δ_l, c_l)`` per Dense layer with a selected parameter,
     where ``a_l: (B, n_in)`` is the layer's input and the backward signal is ``c_l · δ_l``
@@ -329,10 +368,14 @@ def _structured_features(steps: list[_Step], n_out: int, per_param: bool
     in ``c_l`` instead of rescaling every signal). ``grads``: per-example gradients
     ``(B, O, numel)`` of the conv/BatchNorm parameters, by name; without ``per_param`` they
     are concatenated into one ``{"": (B, O, Σ numel)}`` so that one Gram contracts them.
+    ``pair_terms``: ``(name, U, δ)`` per conv weight contracted over pixel pairs
+    (:func:`_pixel_pairs`), with patches ``U: (B, P, K)`` scaled by ``c_l s_w`` and
+    signals ``δ: (B, O, C_out, P)``.
     """
     first_needed = min(i for i, s in enumerate(steps) if s.selected)
+    by_pairs = {i for i, s in enumerate(steps) if _pixel_pairs(s, n_out, output)}
 
-    def features(x: torch.Tensor) -> tuple[list, dict]:
+    def features(x: torch.Tensor) -> tuple[list, dict, list]:
         with torch.no_grad():
             a = x
             saved: list[Any] = []
@@ -366,7 +409,7 @@ def _structured_features(steps: list[_Step], n_out: int, per_param: bool
                 b, n_out, n_out).reshape(b, n_out, *a.shape[1:])
             scale = 1.0
             owned = False  # delta is a fresh tensor nothing else holds: update in place
-            dense_terms, grads = [], {}
+            dense_terms, grads, pair_terms = [], {}, []
             for i in range(len(steps) - 1, first_needed - 1, -1):
                 s = steps[i]
                 if s.kind == "act":
@@ -386,7 +429,13 @@ def _structured_features(steps: list[_Step], n_out: int, per_param: bool
                         owned = True
                 else:
                     inp, fn = saved[i]
-                    if s.kind == "conv" and s.selected:
+                    if i in by_pairs:
+                        u = _patches(s.module, inp).transpose(1, 2).contiguous()
+                        d = delta.reshape(b, n_out, s.module.out_channels, -1).contiguous()
+                        pair_terms.append((s.weight, _scaled(u, scale * s.w_scale), d))
+                        if s.bias:
+                            grads[s.bias] = _scaled(d.sum(dim=-1), scale * s.b_scale)
+                    elif s.kind == "conv" and s.selected:
                         grads.update(_conv_grads(s, inp, delta, scale))
                     elif s.kind == "bn":
                         grads.update(_bn_grads(s, inp, delta, scale))
@@ -396,7 +445,7 @@ def _structured_features(steps: list[_Step], n_out: int, per_param: bool
                         owned = True
             if grads and not per_param:
                 grads = {"": torch.cat(list(grads.values()), dim=-1)}
-            return dense_terms, grads
+            return dense_terms, grads, pair_terms
 
     return features
 
@@ -408,10 +457,17 @@ def _steps(setup: _Setup) -> tuple[list[_Step], str | None]:
     return setup.memo[key]
 
 
-def _sizes(steps: list[_Step], n_out: int) -> dict[str, float]:
+def _sizes(steps: list[_Step], n_out: int, output: str) -> dict[str, float]:
     """Per-example element counts the memory plan and the cost model use."""
     dense = [s for s in steps if s.kind == "dense" and s.selected]
-    jac = sum(s.param_numel() for s in steps if s.kind in ("conv", "bn") and s.selected)
+    k = n_out * n_out if output == "full" else n_out
+    pairs = [s for s in steps if _pixel_pairs(s, n_out, output)]
+    jac = sum(s.param_numel() for s in steps if s.kind in ("conv", "bn") and s.selected) \
+        - sum(s.module.weight.numel() for s in pairs)
+    # Pixel-pair layers: per example the patches and signals; per pair of examples the
+    # patch Gram and signal Gram over (p, q), and the multiply-adds of both.
+    pix = [(math.prod(s.out_shape[1:]), s.module.weight[0].numel(), s.module.out_channels)
+           for s in pairs]
     first = min(i for i, s in enumerate(steps) if s.selected)
     acts = [math.prod(s.out_shape) for s in steps[first:]] + [math.prod(steps[first].in_shape)]
     unfold = max((s.module.weight[0].numel() * math.prod(s.out_shape[1:]) for s in steps
@@ -422,19 +478,23 @@ def _sizes(steps: list[_Step], n_out: int) -> dict[str, float]:
             "dense_out": sum(s.module.out_features for s in dense),
             "jac": jac, "acts": sum(acts), "max_act": max(acts), "unfold": unfold,
             "max_grad": biggest_grad,
+            "pix_row": sum(p * (kk + n_out * c) for p, kk, c in pix),
+            "pix_pair_bytes": max((p * p * (1 + k) for p, _, _ in pix), default=0),
+            "pix_pair_flops": sum(p * p * (kk + k * c) for p, kk, c in pix),
             "n_tensors": sum(bool(s.weight) + bool(s.bias) for s in steps)}
 
 
 def structured_cost(setup: _Setup, output: str, per_param: bool) -> float:
     """FLOPs of ``structured``: one forward and an O-signal backward per example (≈ 3 F O,
     as for the Jacobian rows), then per pair of examples the Grams of the Dense layers'
-    inputs and signals and of the conv/BatchNorm gradients:
-    2 N1 N2 (Σ_dense (n_in + k n_out) + k Σ_conv,bn P_l), k = O² for "full", O otherwise."""
+    inputs and signals and of the conv/BatchNorm gradients, or the pixel-pair sums:
+    2 N1 N2 (Σ_dense (n_in + k n_out) + k Σ_conv,bn P_l + Σ_pixel-pair P² (K + k C_out)),
+    k = O² for "full", O otherwise."""
     steps, _ = _steps(setup)
     o, f = setup.n_out, setup.flops
     k = o * o if output == "full" else o
-    z = _sizes(steps, o)
-    pair = z["dense_in"] + k * (z["dense_out"] + z["jac"])
+    z = _sizes(steps, o, output)
+    pair = z["dense_in"] + k * (z["dense_out"] + z["jac"]) + z["pix_pair_flops"]
     return 3.0 * f * o * (setup.n1 + setup.n2) + 2.0 * setup.n1 * setup.n2 * pair
 
 
@@ -447,23 +507,26 @@ def _by_structured(setup: _Setup, req: Request) -> tuple[torch.Tensor, dict]:
     o = setup.n_out
     width = math.prod(tail)
     itemsize = setup.itemsize
-    z = _sizes(steps, o)
-    # Kept per row: Dense inputs and signals, conv/BN gradients (twice while concatenating).
-    feat = itemsize * (z["dense_in"] + 2 * o * z["dense_out"] + 2 * o * z["jac"])
+    z = _sizes(steps, o, output)
+    # Kept per row: Dense inputs and signals, conv/BN gradients (twice while concatenating),
+    # pixel-pair layers' patches and signals.
+    feat = itemsize * (z["dense_in"] + 2 * o * z["dense_out"] + 2 * o * z["jac"]
+                       + z["pix_row"])
     # While one block's features are computed: the saved activations and vjp residuals,
     # two O-signal tensors of the largest activation, one unfold and one layer's gradient.
     transient = itemsize * (3 * z["acts"] + 3 * o * z["max_act"] + z["unfold"]
                             + o * z["max_grad"])
     n_tensors = req.n_tensors(z["n_tensors"])
     plan = _plan_kernel(setup, req, feat1=feat, feat2=feat,
-                        pair=lambda a, b: a * b * itemsize * (3 * width + 2) * n_tensors
+                        pair=lambda a, b: a * b * itemsize * ((3 * width + 2) * n_tensors
+                                                              + 2 * z["pix_pair_bytes"])
                         + max(a, b) * transient,
                         n_tensors=n_tensors, what="method='structured'")
-    features = _structured_features(steps, o, req.per_param)
+    features = _structured_features(steps, o, req.per_param, output)
     expand = (slice(None), slice(None)) + (None,) * len(tail)
 
     def contract(f1: tuple, f2: tuple) -> dict[str, torch.Tensor]:
-        (dense1, grads1), (dense2, grads2) = f1, f2
+        (dense1, grads1, pairs1), (dense2, grads2, pairs2) = f1, f2
         result: dict[str, torch.Tensor] = {}
         acc = None
         for (s, a1, d1, c), (_, a2, d2, _) in zip(dense1, dense2):
@@ -482,6 +545,12 @@ def _by_structured(setup: _Setup, req: Request) -> tuple[torch.Tensor, dict]:
                 acc.addcmul_(g_delta, g_a, value=w_coef)
             if s.bias:
                 acc.add_(g_delta, alpha=b_coef)
+        for (name, u1, e1), (_, u2, e2) in zip(pairs1, pairs2):
+            g = _pixel_pair_block(u1, e1, u2, e2, output)
+            if req.per_param:
+                result[name] = g
+            else:
+                acc = g if acc is None else acc.add_(g)
         for name, g1 in grads1.items():
             g2 = grads2[name]
             g = _gram(g1, g1 if g2 is g1 else g2, output)
