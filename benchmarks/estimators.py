@@ -22,6 +22,11 @@ paired per split with its standard error; the chosen hyperparameters are listed 
 Run: ``python benchmarks/estimators.py`` (3 splits, about 20-30 minutes on 2 cores);
 ``--quick`` for 1,000 / 500 digits and 2 splits. Writes ``benchmarks/results/estimators.md``
 (``--quick`` writes nothing).
+
+``--solvers``: the NTK rows only, each fitted with ``solver="direct"`` (the former default)
+and ``solver="auto"`` (the default since the cost model of ``ntkit.scale.solve``), in
+alternating order on the same splits: accuracy and time side by side. Writes
+``benchmarks/results/estimators_solvers.md``.
 """
 
 from __future__ import annotations
@@ -189,12 +194,58 @@ def main(n_train: int, n_test: int, seeds: list[int], threads: int, shared: bool
     return "\n".join(lines) + "\n"
 
 
+def solver_comparison(n_train: int, n_test: int, seeds: list[int], threads: int,
+                      shared: bool) -> str:
+    """NTK rows with solver='direct' vs solver='auto' on the same splits."""
+    set_threads(threads)
+    header = stamp(threads, None, shared)
+    X, y = load_data()
+    configs = [("NTKClassifier() (no ridge)", {}),
+               ("NTKClassifier(diag_reg=1e-4)", {"diag_reg": 1e-4}),
+               ("NTKClassifier(get='nngp')", {"get": "nngp"})]
+    results: dict[tuple[str, str], list[tuple[float, float, str]]] = {}
+    for seed in seeds:
+        perm = np.random.default_rng(seed).permutation(len(y))
+        tr, te = perm[:n_train], perm[n_train:n_train + n_test]
+        order = ("direct", "auto") if seed % 2 == 0 else ("auto", "direct")
+        for name, kw in configs:
+            for solver in order:
+                start = time.perf_counter()
+                model = NTKClassifier(solver=solver, **kw).fit(X[tr], y[tr])
+                acc = model.score(X[te], y[te])
+                seconds = time.perf_counter() - start
+                results.setdefault((name, solver), []).append(
+                    (acc, seconds, model.solver_path_))
+                print(f"seed {seed} {name} solver={solver}: {acc:.4f} {seconds:.1f} s "
+                      f"path {model.solver_path_}", flush=True)
+    lines = [f"# MNIST {n_train} / {n_test}: NTKClassifier with solver='direct' (former default)"
+             f" vs solver='auto' (cost model), {len(seeds)} splits", "", header, "",
+             "float64; fit (kernel + solve) and predict, seconds per split (mean, min-max); "
+             "the two solvers alternate order across splits.", "",
+             "| model | solver | path taken | test accuracy per split | time (s): mean "
+             "(min-max) |", "|---|---|---|---|---|"]
+    for name, _ in configs:
+        for solver in ("direct", "auto"):
+            rows = results[(name, solver)]
+            secs = [r[1] for r in rows]
+            lines.append(f"| {name} | {solver} | {', '.join(sorted({r[2] for r in rows}))} | "
+                         f"{', '.join(f'{100 * r[0]:.2f}' for r in rows)} | "
+                         f"{np.mean(secs):.1f} ({min(secs):.1f}-{max(secs):.1f}) |")
+    return "\n".join(lines) + "\n"
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser, "1,000 train / 500 test digits, 2 splits; writes no table")
     parser.add_argument("--seeds", type=int, default=3, help="number of random splits")
+    parser.add_argument("--solvers", action="store_true",
+                        help="NTK rows only: solver='direct' vs solver='auto'")
     args = parser.parse_args()
-    if args.quick:
+    if args.solvers:
+        sizes = (1000, 500) if args.quick else (8000, 2000)
+        table = solver_comparison(*sizes, list(range(args.seeds)), args.threads, args.shared)
+        print(table) if args.quick else write_table("estimators_solvers", table)
+    elif args.quick:
         print(main(1000, 500, [0, 1], args.threads, args.shared))
     else:
         write_table("estimators", main(8000, 2000, list(range(args.seeds)), args.threads,
