@@ -32,3 +32,21 @@ def test_readme_example_runs_and_shows_a_finite_width_gap(capsys):
     mc = nk.monte_carlo_kernel(net, x, n_samples=4, seed=1, get="ntk")
     spread = float((mc.ntk_stderr * 2).norm() / k.ntk.norm())  # stderr * sqrt(4) = std
     assert spread / 3 < printed < 3 * spread, (printed, spread)
+
+
+FRESH_MACHINE_COMMANDS = [
+    'pip install torch==2.13.0 && pip install -e . && ntkit reproduce jgh20 --scale default',
+    'pip install torch==2.13.0 && pip install -e ".[dev]" && python3 -m pytest -q --durations=15',
+]
+
+
+def test_readme_opens_with_its_two_fresh_machine_commands_and_documents_the_docs_build():
+    text = README.read_text()
+    first_shell = re.search(r"```bash\n(.*?)```", text, flags=re.S).group(1)
+    commands = [line for line in first_shell.splitlines() if line and not line.startswith("#")]
+    assert commands == FRESH_MACHINE_COMMANDS
+    # the docs: one build command, and links into the site's sources that exist
+    assert 'pip install -e ".[docs]" && mkdocs build --strict' in text
+    for target in re.findall(r"\]\((docs/[^)#]+)", text):
+        assert (README.parent / target).exists(), target
+    assert "docs/tutorial/index.md" in text
