@@ -157,18 +157,21 @@ def test_tiles_symmetry_and_diagonal_are_exact(pool):
 
 
 def test_tiles_are_sized_in_pairs_times_pixels():
-    """No state ever holds more than the budget's pairs: with a budget for ~4 pairs of 5x5
-    pixel-pair tiles, 12 images are computed in tiles of at most 2 x 2 images (plus their
-    self covariances), never N² (H·W)² at once."""
+    """No state ever holds more than the budget's pairs: with a budget for 8 pairs of 5x5
+    pixel-pair tiles, 12 images are computed in tiles of at most 2 x 2 images (and the
+    diagonal pass that records the pooled variances in chunks of at most 4 images), never
+    N² (H·W)² at once."""
     spy = _Spy()
     x = _images(12)
     per_pair = 16 * 3 * 8 * 625
     k = _pooled(spy=spy).kernel(x, memory_budget=8 * per_pair)
     ref = _pooled().kernel(x)
     torch.testing.assert_close(k.ntk, ref.ntk, rtol=1e-13, atol=0)
-    shapes = [shape for layout, shape in spy.seen]
-    assert max(s[0] * s[1] for s in shapes) <= 4
-    assert all(s[2:] == (5, 5, 5, 5) for s in shapes)
+    pairs = [shape for _, shape in spy.seen if len(shape) == 6]
+    singles = [shape for _, shape in spy.seen if len(shape) == 5]
+    assert pairs and singles and len(pairs) + len(singles) == len(spy.seen)
+    assert max(s[0] * s[1] for s in pairs) == 4 and all(s[2:] == (5,) * 4 for s in pairs)
+    assert max(s[0] for s in singles) == 4 and all(s[1:] == (5,) * 4 for s in singles)
 
 
 def test_a_budget_below_one_pair_says_what_to_change():

@@ -18,8 +18,8 @@ from .._validation import check_choice, check_nonnegative, check_positive_int
 from .activations import activation_from_name
 from .base import Layer, is_branches
 from .dense import PARAMETERIZATIONS, Dense
-from .state import (PIXEL_PAIRS, NonGaussianInputError, PairKernel, all_gaussian,
-                    is_zero_mean, self_marginals, strongest)
+from .state import (NonGaussianInputError, PairKernel, all_gaussian, is_zero_mean,
+                    strongest)
 
 
 @dataclass(frozen=True, repr=False)
@@ -287,14 +287,6 @@ class LayerNorm(Layer):
         ntk = None if k.ntk is None else torch.where(positive, k.ntk / safe, 0.0)
         if k.variances_are_cov:
             var1 = var2 = out
-        elif k.layout == PIXEL_PAIRS:
-            # Each image's self pixel-pair covariance is normalised by its own pixels'
-            # variances (pixel p by pixel q of the same image).
-            d = k.image_ndim
-            var1 = _normalise(k.var1, *self_marginals(k.var1, d), k.mean1,
-                              _swap_pixels(k.mean1, d), centred)[0]
-            var2 = _normalise(k.var2, *self_marginals(k.var2, d), _swap_pixels(k.mean2, d),
-                              k.mean2, centred)[0]
         else:
             var1 = (var1 > 0).to(k.cov.dtype)
             var2 = (var2 > 0).to(k.cov.dtype)
@@ -341,16 +333,6 @@ def _normalise(cov, var_a, var_b, mean_a, mean_b, centred: bool):
     # `where` keeps the gradient finite at zero-variance rows.
     safe = torch.where(positive, norm, torch.ones_like(norm))
     return torch.where(positive, cov / safe, 0.0), safe, positive, var1, var2
-
-
-def _swap_pixels(mean: Any, d: int) -> Any:
-    """A per-pixel mean shaped for the first image's pixel (``B + S + 1s``) reshaped for the
-    second's (``B + 1s + S``), or back: the pixel-pair layout's two marginal shapes."""
-    if not isinstance(mean, torch.Tensor):
-        return mean
-    shape = tuple(mean.shape)
-    return mean.reshape(shape[:len(shape) - 2 * d] + shape[len(shape) - d:]
-                        + shape[len(shape) - 2 * d:len(shape) - d])
 
 
 def _single_branch(state: Any) -> None:

@@ -93,37 +93,41 @@ def _spatial_layout(layout: Any, layer: Layer) -> None:
             "Flatten()/GlobalAvgPool()/Dense before it already removed the spatial axes.")
 
 
-def _map(k: PairKernel, fn, ntk_too: bool = True) -> dict[str, Any]:
-    """``fn`` applied to ``cov``, the self states (unless they are ``cov``) and the NTK."""
+def _per_pixel(k: PairKernel, t: Any, fn, first: bool) -> Any:
+    """``fn`` (a map of the trailing spatial axes) applied to a per-pixel quantity shaped
+    like a marginal of ``k`` (a variance or a mean): in the ``"pixel_pairs"`` layout the
+    first image's marginals end with ``d`` unit axes, squeezed before and restored after.
+    Floats (the exact-zero mean) and ``None`` pass through."""
+    if not isinstance(t, torch.Tensor):
+        return t
+    if k.layout == PIXEL_PAIRS and first:
+        d = k.image_ndim
+        out = fn(t.reshape(t.shape[:t.dim() - d]))
+        return out.reshape(out.shape + (1,) * d)
+    return fn(t)
+
+
+def _pool_state(k: PairKernel, fn, ndim_out: int, layer: Layer) -> dict[str, Any]:
+    """``cov``, ``var1``, ``var2`` and ``ntk`` after a pooling map ``fn`` of pixel pairs
+    (``ndim_out`` image axes out: 0 for global pooling).
+
+    In diagonal mode ``cov`` is each image's self pixel-pair covariance, so the pooled one
+    is the new self covariance; its pixel diagonal (the pooled variances) goes on the tape.
+    A tile of pairs replays them (see :class:`~ntkit.layers.state.VarianceTape`).
+    """
     cov = fn(k.cov)
-    out = {"cov": cov}
-    if k.variances_are_cov:
-        out["var1"] = out["var2"] = cov
-    else:
-        out["var1"], out["var2"] = fn(k.var1), fn(k.var2)
-    if ntk_too:
-        out["ntk"] = None if k.ntk is None else (k.ntk if k.ntk.dim() == 0 else fn(k.ntk))
-    return out
-
-
-def _pooled_means(k: PairKernel, fn) -> dict[str, Any]:
-    """The per-example means after a pooling map ``fn`` of per-pixel entries. Means are
-    per pixel, shaped like :meth:`PairKernel.marginals`; ``fn`` pools the trailing spatial
-    axes, so the first image's marginal shape (trailing 1s in the pair layout) is
-    squeezed before and restored after."""
-    d = k.image_ndim
-    out = {}
-    for name, first in (("mean1", True), ("mean2", False)):
-        m = getattr(k, name)
-        if m is None or isinstance(m, float):
-            out[name] = m
-            continue
-        if k.layout == PIXEL_PAIRS and first:
-            pooled = fn(m.reshape(m.shape[:m.dim() - d]))
-            out[name] = pooled.reshape(pooled.shape + (1,) * d)
-        else:
-            out[name] = fn(m)
-    return out
+    ntk = None if k.ntk is None else (k.ntk if k.ntk.dim() == 0 else fn(k.ntk))
+    if k.diagonal:
+        if k.tape is not None and k.tape.recording:
+            k.tape.record(pair_diagonal(cov, ndim_out) if ndim_out else cov)
+        return {"cov": cov, "var1": cov, "var2": cov, "ntk": ntk}
+    if k.tape is None:
+        raise ValueError(
+            f"{layer!r} in a tile of image pairs needs the pooled variances of each image, "
+            "which the evaluator records in a diagonal pass (PairKernel.tape); this state "
+            "has none. Compute kernels through net.kernel(...) or layers.evaluate.")
+    cov, var1, var2 = k.tape.replay(cov, ndim_out)
+    return {"cov": cov, "var1": var1, "var2": var2, "ntk": ntk}
 
 
 def _same_padding(n: int, k: int, s: int, padding: str) -> tuple[int, int]:
@@ -245,13 +249,18 @@ class Conv(Layer):
         def total(t: torch.Tensor) -> torch.Tensor:
             return window_sum(t, ks, st, self.padding, pairs)
 
+        def pixel_total(t: torch.Tensor) -> torch.Tensor:  # per-pixel variances
+            return window_sum(t, ks, st, self.padding, False).mul_(scale).add_(b2)
+
         cov_sum = total(k.cov)
         cov = cov_sum * scale + b2
         if k.variances_are_cov:
             var1 = var2 = cov
         else:
-            var1 = total(k.var1) * scale + b2
-            var2 = total(k.var2) * scale + b2
+            var1 = _per_pixel(k, k.var1, pixel_total, True)
+            var2 = _per_pixel(k, k.var2, pixel_total, False)
+            if pairs and k.tape is not None:
+                cov = k.tape.exact_diagonal(cov, var1, d)
         ntk = k.ntk
         if ntk is not None:
             ntk_term = None if ntk.dim() == 0 else total(ntk) * scale
@@ -404,10 +413,16 @@ class AvgPool(Layer):
 
     def kernel_map(self, k: PairKernel) -> PairKernel:
         self.kernel_layout(k.layout if isinstance(k, PairKernel) else tuple(k))
-        ks, st = self._window(k.image_ndim)
-        mapped = _map(k, lambda t: avg_pool(t, ks, st, self.padding, pairs=True))
-        means = _pooled_means(k, lambda t: avg_pool(t, ks, st, self.padding, pairs=False))
-        return k.replace(**mapped, **means, gaussian=k.gaussian)
+        d = k.image_ndim
+        ks, st = self._window(d)
+        mapped = _pool_state(k, lambda t: avg_pool(t, ks, st, self.padding, pairs=True), d,
+                             self)
+
+        def pool(t):
+            return avg_pool(t, ks, st, self.padding, pairs=False)
+
+        return k.replace(**mapped, mean1=_per_pixel(k, k.mean1, pool, True),
+                         mean2=_per_pixel(k, k.mean2, pool, False), gaussian=k.gaussian)
 
     def build(self, in_dim, generator, dtype, device):
         channels, spatial = _spatial_input(in_dim, self)
@@ -475,11 +490,10 @@ class GlobalAvgPool(Layer):
     def kernel_map(self, k: PairKernel) -> PairKernel:
         self.kernel_layout(k.layout if isinstance(k, PairKernel) else tuple(k))
         d = k.image_ndim
-        mapped = _map(k, lambda t: mean_spatial(t, pairs=True, ndim=d))
-        means = _pooled_means(k, lambda t: t.mean(dim=tuple(range(-d, 0))))
-        if k.layout == PIXEL_PAIRS:  # drop the marginals' trailing 1s
-            means = {n: m if not isinstance(m, torch.Tensor) else m.reshape(m.shape[:m.dim() - d])
-                     for n, m in means.items()}
+        mapped = _pool_state(k, lambda t: mean_spatial(t, pairs=True, ndim=d), 0, self)
+        # Per-pixel means (marginal-shaped, unit axes included) average to per-image ones.
+        means = {name: m if not isinstance(m, torch.Tensor) else m.mean(dim=tuple(range(-2 * d, 0)))
+                 for name, m in (("mean1", k.mean1), ("mean2", k.mean2))}
         return k.replace(**mapped, **means, layout=DENSE, gaussian=k.gaussian)
 
     def build(self, in_dim, generator, dtype, device):
@@ -534,18 +548,27 @@ class Flatten(Layer):
             return k
         d = k.image_ndim
         spatial = k.spatial_shape[:d]
-        if k.layout == PIXEL_PAIRS:
-            def fn(t):
-                return mean_spatial(pair_diagonal(t, d), pairs=False, ndim=d)
+        pairs = k.layout == PIXEL_PAIRS
+        # Per-pixel quantities (variances, means) are marginal-shaped: in the pair layout
+        # with d unit axes, which a mean over the last 2d axes absorbs.
+        n_pixel_axes = 2 * d if pairs else d
+
+        def pixel_mean(t):
+            return t if not isinstance(t, torch.Tensor) else t.mean(
+                dim=tuple(range(-n_pixel_axes, 0)))
+
+        def fn(t):
+            return mean_spatial(pair_diagonal(t, d) if pairs else t, pairs=False, ndim=d)
+
+        cov = fn(k.cov)
+        if k.variances_are_cov:
+            var1 = var2 = cov
         else:
-            def fn(t):
-                return mean_spatial(t, pairs=False, ndim=d)
-        mapped = _map(k, fn)
-        n_trailing = 2 * d if k.layout == PIXEL_PAIRS else d
-        means = {name: m if not isinstance(m, torch.Tensor)
-                 else m.mean(dim=tuple(range(-n_trailing, 0)))
-                 for name, m in (("mean1", k.mean1), ("mean2", k.mean2))}
-        return k.replace(**mapped, **means, layout=DENSE, width=k.width * math.prod(spatial),
+            var1, var2 = pixel_mean(k.var1), pixel_mean(k.var2)
+        ntk = None if k.ntk is None else (k.ntk if k.ntk.dim() == 0 else fn(k.ntk))
+        return k.replace(cov=cov, var1=var1, var2=var2, ntk=ntk, mean1=pixel_mean(k.mean1),
+                         mean2=pixel_mean(k.mean2),
+                         layout=DENSE, width=k.width * math.prod(spatial),
                          gaussian=k.gaussian)
 
     def build(self, in_dim, generator, dtype, device):

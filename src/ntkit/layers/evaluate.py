@@ -36,7 +36,8 @@ import torch
 
 from .._validation import (_describe_rows, as_input_pair, available_memory, format_bytes,
                            resolve_dtype)
-from .state import DENSE, PIXEL_PAIRS, PIXELS, PairKernel, is_branches, strongest
+from .state import (DENSE, PIXEL_PAIRS, PIXELS, PairKernel, VarianceTape, is_branches,
+                    strongest)
 from .tiles import Sink, TensorSink, block_schedule, progress_bar, spans, tile_schedule
 
 if TYPE_CHECKING:
@@ -92,37 +93,24 @@ def _tile_size(memory_budget: int | None, n_kernels: int, itemsize: int, heavy: 
 def _spatial_tile_size(memory_budget: int | None, n_kernels: int, itemsize: int, heavy: bool,
                        layout: str, per_pair: int, spatial: tuple[int, ...]) -> int:
     """The side ``b`` of a square tile of image pairs in a spatial layout: ``per_pair``
-    entries per pair (``|S|``); a ``"pixel_pairs"`` tile also holds the ``2b`` self
-    covariances of its images, so it costs ``(b² + 2b)·|S|`` entries per tensor."""
-    extra = 2 if layout == PIXEL_PAIRS else 0
+    entries per pair (``|S|``), so ``b²·|S|`` entries per tile tensor."""
     if memory_budget is None:
         target = _SPATIAL_TILE_ENTRIES // (4 if heavy else 1)
-        return max(1, _largest_side(target / per_pair, extra))
+        return max(1, math.isqrt(target // per_pair))
     per_pair_bytes = (_WORKSPACE_FACTOR * (n_kernels + 1) * itemsize * (64 if heavy else 1)
                       * per_pair)
-    side = _largest_side(max(memory_budget, 1) / per_pair_bytes, extra)
+    side = math.isqrt(max(memory_budget, 1) // per_pair_bytes)
     if side < 1:
-        need = per_pair_bytes * (1 + extra)
         what = ("every pixel pair's covariance, which pooling needs" if layout == PIXEL_PAIRS
                 else "each pixel's covariance")
         raise ValueError(
             f"memory_budget={memory_budget} bytes cannot hold one tile: one pair of inputs of "
-            f"spatial size {'x'.join(map(str, spatial))} needs {format_bytes(need)} of "
-            f"workspace in the {layout!r} layout ({per_pair} entries per pair: {what}). "
-            f"Raise memory_budget to at least {need}, or use smaller images (downsample)"
-            + (", or read out by Flatten() instead of pooling (H·W entries per pair)."
-               if layout == PIXEL_PAIRS else "."))
+            f"spatial size {'x'.join(map(str, spatial))} needs {format_bytes(per_pair_bytes)} "
+            f"of workspace in the {layout!r} layout ({per_pair} entries per pair: {what}). "
+            f"Raise memory_budget to at least {per_pair_bytes}, or use smaller images "
+            "(downsample)" + (", or read out by Flatten() instead of pooling (H·W entries per "
+                              "pair)." if layout == PIXEL_PAIRS else "."))
     return side
-
-
-def _largest_side(pairs: float, extra: int) -> int:
-    """The largest ``b`` with ``b² + extra·b <= pairs``."""
-    b = int(math.sqrt(pairs + extra * extra / 4) - extra / 2)
-    while b > 0 and b * b + extra * b > pairs:
-        b -= 1
-    while (b + 1) ** 2 + extra * (b + 1) <= pairs:
-        b += 1
-    return b
 
 
 def input_layout(net: Layer, t: torch.Tensor) -> str:
@@ -276,7 +264,7 @@ def _overflow_error(net: Layer, names: tuple[str, ...], dtype: torch.dtype,
 def _diagonal_kernels(net: Layer, t1: torch.Tensor, names: tuple[str, ...],
                       memory_budget: int | None = None) -> Kernels:
     """``k(x, x)`` for each row of ``t1``: ``(N,)`` kernels in O(N d) (images: in chunks of
-    rows sized like tiles, each image's own pixel covariances)."""
+    rows sized like tiles, each image with its own pixels)."""
     if t1.dim() == 2:
         n0 = t1.shape[1]
         var = (t1 * t1).sum(dim=1) / n0
@@ -288,23 +276,36 @@ def _diagonal_kernels(net: Layer, t1: torch.Tensor, names: tuple[str, ...],
         return Kernels(nngp=final.cov if "nngp" in names else None,
                        ntk=final.ntk if "ntk" in names else None)
     layout = input_layout(net, t1)
-    images = _Images(t1)
-    per_image = images.entries(layout)
-    itemsize = torch.finfo(t1.dtype).bits // 8
+    kernels, _ = _image_diagonal(net, _Images(t1), names, layout, memory_budget)
+    return kernels
+
+
+def _image_diagonal(net: Layer, images: _Images, names: tuple[str, ...], layout: str,
+                    memory_budget: int | None) -> tuple[Kernels, list[torch.Tensor]]:
+    """The diagonal pass over images: ``k(x, x)`` per image, and (``"pixel_pairs"``) the
+    variances every pooling layer records on a :class:`VarianceTape`, joined over chunks:
+    what the tiles of pairs replay. Each chunk holds its images' self covariances,
+    ``(n, *S, *S)``, so chunks are sized like tiles."""
+    itemsize = torch.finfo(images.x.dtype).bits // 8
     side = _spatial_tile_size(memory_budget, len(names), itemsize, bool(net.uses_quadrature),
-                              layout, per_image, images.spatial)
-    zero = torch.zeros((), dtype=t1.dtype, device=t1.device)
+                              layout, images.entries(layout), images.spatial)
+    zero = images.x.new_zeros(())
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-    for rows in spans(t1.shape[0], side * side):
+    tapes: list[list[torch.Tensor]] = []
+    for rows in spans(images.x.shape[0], side * side):
         cov, mean = images.self_state(rows, layout)
+        tape = VarianceTape() if layout == PIXEL_PAIRS else None
         state = PairKernel(cov=cov, var1=cov, var2=cov, ntk=zero if "ntk" in names else None,
                            width=images.channels, diagonal=True, layout=layout,
-                           mean1=mean[0], mean2=mean[1], gaussian=False)
+                           mean1=mean[0], mean2=mean[1], gaussian=False, tape=tape)
         final = _final(net.kernel_map(state))
         for name in names:
             parts[name].append(final.cov if name == "nngp" else final.ntk)
+        if tape is not None:
+            tapes.append(tape.recorded)
     joined = {name: torch.cat(parts[name]) for name in names}
-    return Kernels(nngp=joined.get("nngp"), ntk=joined.get("ntk"))
+    recorded = [torch.cat(chunk) for chunk in zip(*tapes)] if tapes else []
+    return Kernels(nngp=joined.get("nngp"), ntk=joined.get("ntk")), recorded
 
 
 class _Images:
@@ -414,6 +415,9 @@ class _Pair:
     layout: str = DENSE  # of the input state (see input_layout)
     images1: _Images | None = None  # images/sequences: their pixels (None for flat rows)
     images2: _Images | None = None
+    recorded1: list[torch.Tensor] | None = None  # pooled variances of images1 ("pixel_pairs")
+    recorded2: list[torch.Tensor] | None = None
+    self1: Kernels | None = None  # k(x, x) of images1 from the diagonal pass ("pixel_pairs")
 
 
 def evaluate(net: Layer, t1: torch.Tensor, t2: torch.Tensor | None, names: tuple[str, ...],
@@ -438,6 +442,11 @@ def evaluate(net: Layer, t1: torch.Tensor, t2: torch.Tensor | None, names: tuple
     itemsize = torch.finfo(t1.dtype).bits // 8
     images = p.images1
     heavy = bool(net.uses_quadrature)
+    if layout == PIXEL_PAIRS:
+        # Every image's pooled variances, once (N (H W)² work, beside N1 N2 (H W)²).
+        p.self1, p.recorded1 = _image_diagonal(net, p.images1, names, layout, memory_budget)
+        p.recorded2 = (p.recorded1 if p.symmetric else
+                       _image_diagonal(net, p.images2, ("nngp",), layout, memory_budget)[1])
     size = (_tile_size(memory_budget, len(names), itemsize, heavy) if images is None else
             _spatial_tile_size(memory_budget, len(names), itemsize, heavy, layout,
                                images.entries(layout), images.spatial))
@@ -502,6 +511,11 @@ def _compute_tile(p: _Pair, rows: slice, cols: slice) -> dict[str, torch.Tensor]
     tiles = {}
     for name in p.names:
         tile = final.cov if name == "nngp" else final.ntk
+        if on_diagonal and p.self1 is not None:
+            # k(x, x) as the diagonal pass (diagonal=True) computed it: the tile's entries
+            # for x = x' took the pixel-pair path, which may differ in the last bit.
+            tile = tile.clone() if tile.requires_grad else tile
+            tile.diagonal().copy_(p.self1[name][rows])
         tiles[name] = _mirror_upper(tile, p.upper) if on_diagonal else tile
     return tiles
 
@@ -534,30 +548,39 @@ def _input_state(p: _Pair, rows: slice, cols: slice, on_diagonal: bool) -> PairK
     im1, im2 = p.images1, p.images2
     b1, b2 = rows.stop - rows.start, cols.stop - cols.start
     a, b = im1.x[rows], im2.x[cols]  # (B1, C, P), (B2, C, P)
-    spatial, d = im1.spatial, im1.d
-    self1, means1 = im1.self_state(rows, p.layout)
+    spatial, d, channels = im1.spatial, im1.d, im1.channels
     if on_diagonal:
-        self2, means2 = self1, means1
-    else:
-        self2, means2 = im2.self_state(cols, p.layout)
+        eye = torch.eye(b1, dtype=torch.bool, device=a.device)
+        same = eye if same is None else same | eye
+    if same is not None and not bool(same.any()):
+        same = None
     if p.layout == PIXELS:
         # (P, B1, C) @ (P, C, B2): one small gemm per pixel.
         cov = torch.bmm(a.permute(2, 0, 1), b.permute(2, 1, 0)).permute(1, 2, 0)
-        cov = cov.div_(im1.channels).reshape((b1, b2) + spatial)
+        cov = cov.div_(channels).reshape((b1, b2) + spatial)
+        var1 = im1.var[rows].reshape((b1, 1) + spatial)
+        var2 = im2.var[cols].reshape((1, b2) + spatial)
+        mean1 = im1.mean[rows].reshape((b1, 1) + spatial)
+        mean2 = im2.mean[cols].reshape((1, b2) + spatial)
+        if same is not None:
+            cov = torch.where(same.view((b1, b2) + (1,) * d), var1, cov)
+        tape = None
     else:
         # (B1 P, C) @ (C, B2 P), then pixel axes after the pair axes: every pixel pair.
-        g = a.transpose(1, 2).reshape(-1, im1.channels) @ b.permute(1, 0, 2).reshape(
-            im1.channels, -1)
-        cov = g.view(b1, im1.pixels, b2, im1.pixels).permute(0, 2, 1, 3).div(im1.channels)
+        g = a.transpose(1, 2).reshape(-1, channels) @ b.permute(1, 0, 2).reshape(channels, -1)
+        cov = g.view(b1, im1.pixels, b2, im1.pixels).permute(0, 2, 1, 3).div(channels)
         cov = cov.reshape((b1, b2) + spatial + spatial)
-    if on_diagonal:
-        eye = torch.eye(b1, dtype=torch.bool, device=cov.device)
-        same = eye if same is None else same | eye
-    if same is not None and bool(same.any()):
-        shape = (b1, b2) + (1,) * (cov.dim() - 2)
-        cov = torch.where(same.view(shape), self1.unsqueeze(1), cov)
+        if same is not None:
+            # Equal images: the self covariances exactly as the diagonal pass computed them.
+            self1 = im1.self_state(rows, PIXEL_PAIRS)[0].unsqueeze(1)
+            cov = torch.where(same.view((b1, b2) + (1,) * (2 * d)), self1, cov)
+        ones = (1,) * d
+        var1 = im1.var[rows].reshape((b1, 1) + spatial + ones)
+        var2 = im2.var[cols].reshape((1, b2) + ones + spatial)
+        mean1 = im1.mean[rows].reshape((b1, 1) + spatial + ones)
+        mean2 = im2.mean[cols].reshape((1, b2) + ones + spatial)
+        tape = VarianceTape(p.recorded1, p.recorded2, rows, cols, same)
     # Means per pixel (over channels), shaped like the marginals; ntk: the raw inputs' 0.
-    return PairKernel(cov=cov, var1=self1.unsqueeze(1), var2=self2.unsqueeze(0),
-                      ntk=p.zero if "ntk" in p.names else None, width=im1.channels,
-                      layout=p.layout, mean1=means1[0].unsqueeze(1),
-                      mean2=means2[1].unsqueeze(0), gaussian=False)
+    return PairKernel(cov=cov, var1=var1, var2=var2, ntk=p.zero if "ntk" in p.names else None,
+                      width=channels, layout=p.layout, mean1=mean1, mean2=mean2,
+                      gaussian=False, tape=tape)

@@ -15,23 +15,28 @@ point of the network. Its tensors have a *batch* part and a *spatial* part:
   ``"pixel_pairs"``   ``(H, W, H, W)``  Cov(z_hw(x), z_h'w'(x')): every pair of pixels
   ==================  ================  =================================================
 
-``cov`` and ``ntk`` have shape ``B + S``. ``var1``/``var2`` are the kernel state of the pairs
-``(x, x)`` and ``(x', x')`` in the same layout, shaped to broadcast against ``cov``: in full
-mode a column ``(B1, 1) + S`` and a row ``(1, B2) + S``; in diagonal mode they are ``cov``
-itself (:attr:`PairKernel.variances_are_cov`). For ``"dense"`` and ``"pixels"`` that is the
-variance of each feature (pixel) of each input. For ``"pixel_pairs"`` it is each image's
-full *self* pixel-pair covariance ``Cov(z_p(x), z_q(x))``: a pooling layer needs it to
-produce the variances of its pooled pixels (the variance of an average is the average of
-the window's covariances, not of its variances). The per-pixel variances that an
-elementwise dual needs are its pixel diagonal, :meth:`PairKernel.marginals` (strided views,
-no copy).
+``cov`` and ``ntk`` have shape ``B + S``. ``var1``/``var2`` hold the variances of the same
+features in each input, ``k(x, x)`` and ``k(x', x')``, and broadcast against ``cov`` (the
+*marginals* an elementwise dual needs): in full mode a column ``(B1, 1, *S1)`` and a row
+``(1, B2, *S2)``, where for ``"pixel_pairs"`` ``S1 = (H, W, 1, 1)`` and ``S2 = (1, 1, H, W)``
+(the variance of each pixel of each input); in diagonal mode they are ``cov`` itself
+(:attr:`PairKernel.variances_are_cov`), which for ``"pixel_pairs"`` is each image's full
+*self* pixel-pair covariance, whose pixel diagonal gives the marginals
+(:meth:`PairKernel.marginals`, strided views).
+
+Pooling is the one map that per-pixel variances cannot follow: the variance of an average
+is the average of the window's covariances, so it needs each image's self pixel-pair
+covariance. Rather than carry those ``B1 + B2`` self covariances through every tile (a
+``1/B1 + 1/B2`` overhead that forbids small tiles), the evaluator first runs the network
+once in diagonal mode over the images, where pooling layers *record* their output variances
+on a :class:`VarianceTape`, and every tile of pairs *replays* them (``PairKernel.tape``).
 
 Cost of the layouts, per pair of inputs and per layer (``|S|`` entries, a few flops each):
 ``"dense"`` 1 entry; ``"pixels"`` ``H·W`` entries (a ``Flatten`` readout needs no more:
 each pixel's covariance only ever mixes with the same pixel of the other image, at the
 same window offset); ``"pixel_pairs"`` ``(H·W)²`` entries (300 KB per pair of 14×14
-images in float64; any pooling needs it), plus the self covariances of the tile's
-``B1 + B2`` images, a fraction ``1/B1 + 1/B2`` on top of the ``B1·B2`` pairs.
+images in float64; any pooling needs it), plus, once per image, its self covariance for
+the tape.
 
 Layers whose kernel map is elementwise in the entries (activations, ``FanInSum``,
 ``Parallel``, ``FanOut``, ``Identity``) work on every layout unchanged; layers that mix
@@ -91,7 +96,9 @@ class PairKernel:
     ``mean1``/``mean2`` the per-example feature means (``0.0``, a tensor shaped like
     ``var1``/``var2``, or ``None`` for unknown; see the module docstring); ``gaussian``
     whether the representation is a Gaussian process at infinite width (``True``/``False``,
-    or ``None`` for unknown; see the module docstring).
+    or ``None`` for unknown; see the module docstring); ``tape`` the pooled variances of the
+    ``"pixel_pairs"`` layout (recorded in diagonal mode, replayed in full mode; ``None``
+    otherwise), kept by :meth:`replace`.
     """
 
     cov: torch.Tensor
@@ -104,6 +111,7 @@ class PairKernel:
     mean1: torch.Tensor | float | None = None
     mean2: torch.Tensor | float | None = None
     gaussian: bool | None = None
+    tape: "VarianceTape | None" = None
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:
@@ -151,13 +159,78 @@ class PairKernel:
     def marginals(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(v1, v2)``: the variance of each entry's feature in input 1 and in input 2,
         broadcastable against ``cov``: what an elementwise dual needs. ``var1``/``var2``
-        themselves except for ``"pixel_pairs"``, where they are the pixel diagonals of the
-        self covariances, as strided views ``(B1, 1, H, W, 1, 1)`` and ``(1, B2, 1, 1, H, W)``
-        (diagonal mode: ``(N, H, W, 1, 1)`` and ``(N, 1, 1, H, W)``)."""
-        if self.layout != PIXEL_PAIRS:
-            return self.var1, self.var2
-        return (self_marginals(self.var1, self.image_ndim)[0],
-                self_marginals(self.var2, self.image_ndim)[1])
+        except in diagonal mode with ``"pixel_pairs"``, where ``cov`` is each image's self
+        pixel-pair covariance and they are its pixel diagonal, as strided views
+        ``(N, H, W, 1, 1)`` and ``(N, 1, 1, H, W)``."""
+        if self.diagonal and self.layout == PIXEL_PAIRS:
+            return self_marginals(self.cov, self.image_ndim)
+        return self.var1, self.var2
+
+
+class VarianceTape:
+    """The per-pixel variances after each pooling layer, for every image: what a tile of
+    pairs in the ``"pixel_pairs"`` layout cannot compute from its own state.
+
+    Recording (diagonal mode, ``rows=None``): pooling layers :meth:`record` the variances of
+    their outputs, in the order the network applies them. Replaying (full mode): a tape is
+    made per tile from two recorded ones (the rows' and the columns' images) and
+    :meth:`replay` hands each pooling layer, in the same order, the variances shaped as
+    ``var1``/``var2``. The order of ``kernel_map`` calls is fixed by the network, so the
+    position in the tape identifies the layer.
+
+    ``same`` (``(B1, B2)`` bool, or ``None``) marks pairs of equal images: their pooled
+    pixel-diagonal entries are set to the recorded variances, so that their correlation is
+    exactly 1 (see :meth:`replay`).
+    """
+
+    def __init__(self, recorded: list[torch.Tensor] | None = None,
+                 second: list[torch.Tensor] | None = None, rows: slice | None = None,
+                 cols: slice | None = None, same: torch.Tensor | None = None):
+        self.recorded = [] if recorded is None else recorded
+        self.second = self.recorded if second is None else second
+        self.rows, self.cols, self.same = rows, cols, same
+        self.position = 0
+
+    @property
+    def recording(self) -> bool:
+        return self.rows is None
+
+    def record(self, var: torch.Tensor) -> None:
+        """Append the variances ``(N, *S)`` (or ``(N,)`` after global pooling) of a pooling
+        layer's output."""
+        self.recorded.append(var)
+
+    def replay(self, cov: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                           torch.Tensor]:
+        """``(cov, var1, var2)`` for the next pooling layer of a tile: its pooled ``cov``
+        (``(B1, B2, *S, *S)``, or ``(B1, B2)`` with ``ndim=0``) with the pixel diagonal of
+        equal images set to their variances, and those variances as ``(B1, 1, *S, 1s)`` and
+        ``(1, B2, 1s, *S)`` (``(B1, 1)`` and ``(1, B2)``)."""
+        if self.position >= len(self.recorded):
+            raise RuntimeError("VarianceTape: more pooling layers in a tile than were recorded "
+                               "(a network whose order of kernel maps changes between calls?).")
+        v1 = self.recorded[self.position][self.rows]
+        v2 = self.second[self.position][self.cols]
+        self.position += 1
+        ones = (1,) * ndim
+        v1 = v1.reshape((v1.shape[0], 1) + tuple(v1.shape[1:]) + ones)
+        v2 = v2.reshape((1, v2.shape[0]) + ones + tuple(v2.shape[1:]))
+        return self.exact_diagonal(cov, v1, ndim), v1, v2
+
+    def exact_diagonal(self, cov: torch.Tensor, var1: torch.Tensor, ndim: int) -> torch.Tensor:
+        """``cov`` with the pixel diagonal of each pair of equal images (``same``) set to the
+        first image's variances ``var1`` (marginal-shaped): their correlation stays exactly
+        1 there, as it is. The tile and the per-pixel variances take different summation
+        paths (window sums of pixel pairs vs of pixels), which may round differently in
+        the last bit, and an arccos would turn that into a ~1e-8 error."""
+        if self.same is None:
+            return cov
+        if cov.requires_grad:
+            cov = cov.clone()
+        diag = pair_diagonal(cov, ndim) if ndim else cov
+        target = var1.reshape(var1.shape[:var1.dim() - ndim]) if ndim else var1
+        diag[self.same] = target.expand(diag.shape)[self.same]
+        return cov
 
 
 def self_marginals(t: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..base import Layer
-from ..state import PIXEL_PAIRS, NonGaussianInputError, PairKernel, self_marginals
+from ..state import NonGaussianInputError, PairKernel
 
 
 def tracking(*tensors: torch.Tensor) -> bool:
@@ -108,22 +108,13 @@ class Activation(Layer):
         # pre-activations; a nonzero or unknown incoming mean (raw inputs, another
         # activation) breaks it, and then the outgoing mean is unknown as well. O(N) work.
         centred = k.means_are_zero
-        if k.variances_are_cov:
-            mean1 = self.mean(m1) if centred else None
-            mean2 = self.mean(m2) if centred else None
-            return k.replace(cov=nngp, var1=nngp, var2=nngp, ntk=ntk, mean1=mean1,
-                             mean2=mean2, gaussian=gaussian)
         mean1 = self.mean(m1) if centred else None
         mean2 = self.mean(m2) if centred else None
-        if k.layout == PIXEL_PAIRS:
-            # Each image's self pixel-pair covariance maps like a tile of its own (pixel p of
-            # x against pixel q of x), with its own pixel variances: pooling reads it later.
-            d = k.image_ndim
-            var1 = self.dual(k.var1, *self_marginals(k.var1, d), need_dot=False)[0]
-            var2 = self.dual(k.var2, *self_marginals(k.var2, d), need_dot=False)[0]
-        else:
-            var1 = self.variance(k.var1)
-            var2 = self.variance(k.var2)
+        if k.variances_are_cov:
+            return k.replace(cov=nngp, var1=nngp, var2=nngp, ntk=ntk, mean1=mean1,
+                             mean2=mean2, gaussian=gaussian)
+        var1 = self.variance(k.var1)
+        var2 = self.variance(k.var2)
         if self.uses_quadrature:
             # Entries with x = x' (cov = var1 = var2 exactly) must carry exactly the row
             # variance into the next layer (its correlation must be exactly 1 there). A
@@ -132,10 +123,6 @@ class Activation(Layer):
             # variance rather than rely on it. Closed forms guarantee it by construction
             # (see ``variance``) and skip these passes over the tile.
             same = (k.cov == k.var1) & (k.var1 == k.var2)
-            if k.layout == PIXEL_PAIRS:
-                # The self entry (p, q) of x has the marginals of x at p and q; the pair
-                # entry those of x at p and x' at q: equal entries need equal marginals too.
-                same &= self_marginals(k.var1, k.image_ndim)[1] == m2
             if bool(same.any()):
                 nngp = torch.where(same, var1.expand_as(nngp), nngp)
         return k.replace(cov=nngp, var1=var1, var2=var2, ntk=ntk, mean1=mean1, mean2=mean2,
