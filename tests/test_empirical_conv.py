@@ -308,3 +308,19 @@ def test_pixel_pair_contraction_on_small_feature_maps():
         nk.empirical_ntk(model, x1, x2, method="structured", output="full", batch_size=1),
         nk.empirical_ntk(model, x1, x2, method="structured", output="full"), rtol=0,
         atol=atol)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_cnn_matches_cpu():
+    model, shape = ZOO["pool_bn"]
+    x1, _ = _inputs(shape, 9)
+    ntkit_cnn = nk.myrtle(5, 4, out_dim=2).module(in_shape=(3, 8, 8), seed=0, dtype=F64)
+    x3 = torch.randn(6, 3, 8, 8, dtype=F64)
+    for m, x in ((model, x1), (ntkit_cnn, x3)):
+        cpu = {k: nk.empirical_ntk(m, x, method=k, output="full") for k in ALL_METHODS}
+        m_gpu = conv_zoo()["pool_bn"][0].cuda() if m is model else m.cuda()
+        for method in ALL_METHODS:
+            got = nk.empirical_ntk(m_gpu, x.cuda(), method=method, output="full", batch_size=4)
+            assert got.device.type == "cuda"
+            torch.testing.assert_close(got.cpu(), cpu[method], rtol=1e-10, atol=1e-12)
