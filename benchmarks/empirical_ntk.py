@@ -34,6 +34,11 @@ structured path's many small ops; ``--threads 1`` is then the more stable measur
 
 Run: ``python benchmarks/empirical_ntk.py`` (8-12 minutes); ``--quick`` for small widths and N.
 Writes ``benchmarks/results/empirical_ntk.md`` (``--quick`` writes nothing).
+
+CNNs: ``--cnn`` runs ``nk.cnn(3, c)`` (Flatten or GlobalAvgPool readout, 28×28×1, float64)
+through ntkit's three methods, reports what ``auto`` picks, and times neural-tangents'
+``empirical_ntk_fn`` (jacobian, ntk-vector products, structured) on the same weights through
+``_nt_empirical_conv.py``; writes ``benchmarks/results/empirical_cnn.md`` (5-10 minutes).
 """
 
 from __future__ import annotations
