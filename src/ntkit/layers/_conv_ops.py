@@ -154,6 +154,16 @@ def _flat_mask(spatial: tuple[int, ...], d: int, delta: int, pairs: bool, dtype:
     return m[:, None] * m[None, :] if pairs else m
 
 
+def _complement(r: slice, n: int, pairs: bool) -> list[tuple]:
+    """Index tuples (on trailing axes) of the part of ``range(n)`` (pairs: of
+    ``range(n) x range(n)``) outside ``r`` (pairs: outside ``r x r``)."""
+    outside = [sl for sl in (slice(0, r.start), slice(r.stop, n)) if sl.stop > sl.start]
+    if not pairs:
+        return [(Ellipsis, sl) for sl in outside]
+    return ([(Ellipsis, sl, slice(None)) for sl in outside]
+            + [(Ellipsis, r, sl) for sl in outside])
+
+
 def _same_stride1_pass(t: torch.Tensor, spatial: tuple[int, ...], d: int, k: int,
                        pairs: bool) -> torch.Tensor:
     """The fast path of one dimension of a stride-1 ``"same"`` window sum: the spatial
@@ -171,15 +181,17 @@ def _same_stride1_pass(t: torch.Tensor, spatial: tuple[int, ...], d: int, k: int
     batch = t.shape[:t.dim() - (2 * ndim if pairs else ndim)]
     flat_shape = (*batch, n_pix, n_pix) if pairs else (*batch, n_pix)
     src = t.reshape(flat_shape)
-    out = src.clone(memory_format=torch.contiguous_format)
+    # out= writes are not differentiable: under autograd, start from a copy of the centre.
+    first = not (torch.is_grad_enabled() and t.requires_grad)
+    out = (torch.empty(flat_shape, dtype=t.dtype, device=t.device) if first
+           else src.clone(memory_format=torch.contiguous_format))
     before = (k - 1) // 2
     step = math.prod(spatial[d + 1:])
+    fused = first
     for o in range(k):
         delta = o - before
-        if delta == 0:
-            continue
-        if abs(delta) >= spatial[d]:
-            continue  # the shifted window lies entirely in the padding
+        if delta == 0 or abs(delta) >= spatial[d]:
+            continue  # the centre is the first write's base; a window in the padding adds 0
         shift = delta * step
         lo, hi = max(0, -shift), n_pix - max(0, shift)
         r_out, r_in = slice(lo, hi), slice(lo + shift, hi + shift)
@@ -187,12 +199,27 @@ def _same_stride1_pass(t: torch.Tensor, spatial: tuple[int, ...], d: int, k: int
             o_view, i_view = out[..., r_out, r_out], src[..., r_in, r_in]
         else:
             o_view, i_view = out[..., r_out], src[..., r_in]
-        if d == 0:
-            o_view += i_view
-        else:
+        mask = None
+        if d != 0:
             mask = _flat_mask(spatial, d, delta, pairs, t.dtype, str(t.device))
             mask = mask[r_out, r_out] if pairs else mask[r_out]
+        if first:
+            # The first write: centre + this offset in one pass over the shifted block
+            # (instead of a copy and an add), the centre alone copied to the rest.
+            base = src[..., r_out, r_out] if pairs else src[..., r_out]
+            if mask is None:
+                torch.add(base, i_view, out=o_view)
+            else:
+                torch.addcmul(base, i_view, mask, out=o_view)
+            for block in _complement(r_out, n_pix, pairs):
+                out[block] = src[block]
+            first = False
+        elif mask is None:
+            o_view += i_view
+        else:
             o_view.addcmul_(i_view, mask)
+    if fused and first:  # every offset but the centre lies in the padding
+        out.copy_(src)
     return out.reshape(t.shape)
 
 
