@@ -32,11 +32,7 @@ copies and in-place adds on a fresh tensor), work in any floating dtype and on a
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import threading
-import warnings
 from functools import lru_cache
 from itertools import product
 from typing import Sequence
@@ -355,98 +351,3 @@ def mean_spatial(t: torch.Tensor, pairs: bool = False, ndim: int = 2) -> torch.T
     n_spatial = 2 * ndim if pairs else ndim
     return t.mean(dim=tuple(range(-n_spatial, 0)))
 
-
-# ------------------------------------------------------------------ compiled elementwise duals
-# Why: on a pixel-pair tile the ReLU dual is about a dozen elementwise torch ops (product of
-# variances, sqrt, divide, clamps, arccos, sin, scalings, the NTK product), each a pass over
-# a tile that is usually larger than the caches: measured 12-40 ns per entry in eager mode
-# against 4-6 ns for the same arithmetic fused into one loop by torch.compile (inductor's
-# vectorised C++), 1 thread, float64, 14x14 images. The compiled function is the same
-# arithmetic in the same order, so results agree with the eager dual to rounding (measured
-# max relative difference 2e-16) and keep its exact values (rho = 1 -> sin = 0).
-# Compilation costs seconds to a minute once per process (inductor caches on disk), so it is
-# opt-in: NTKIT_COMPILE=1 in the environment, or `compiled_duals(True)` around a job.
-# It is never used when autograd records (kernel learning), and falls back to eager, with
-# one warning, when compilation is unavailable (no C++ compiler, unsupported device).
-
-_STATE = threading.local()
-_COMPILED: dict = {}
-_COMPILE_FAILED: list = []
-#: Tiles smaller than this many entries stay eager: their op overhead is small and a
-#: compile would not pay back.
-COMPILE_MIN_ENTRIES = 1 << 16
-
-
-def _compile_requested() -> bool:
-    flag = getattr(_STATE, "enabled", None)
-    if flag is None:
-        flag = os.environ.get("NTKIT_COMPILE", "0").strip().lower() in ("1", "true", "yes", "on")
-    return bool(flag)
-
-
-@contextlib.contextmanager
-def compiled_duals(enabled: bool = True):
-    """Within the block (this thread), evaluate the fused elementwise duals compiled
-    (``enabled=True``) or eagerly (``False``), whatever ``NTKIT_COMPILE`` says."""
-    previous = getattr(_STATE, "enabled", None)
-    _STATE.enabled = bool(enabled)
-    try:
-        yield
-    finally:
-        _STATE.enabled = previous
-
-
-def use_compiled(*tensors: torch.Tensor) -> bool:
-    """Whether a fused dual on these tensors should run compiled: requested, no autograd
-    recording, a tile of at least :data:`COMPILE_MIN_ENTRIES` entries, and no earlier
-    compile failure."""
-    if _COMPILE_FAILED or not _compile_requested():
-        return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False
-    return max(t.numel() for t in tensors) >= COMPILE_MIN_ENTRIES
-
-
-def _arccos_dual_eager(cov: torch.Tensor, var1: torch.Tensor, var2: torch.Tensor,
-                       half_sq: float, factor: float, ntk: torch.Tensor | None
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    # The ReLU-family arithmetic of ntkit.layers.activations.relu, op for op (see there
-    # for why the product is formed before the square root and what the clamps do).
-    norm = (var1 * var2).sqrt().clamp(min=torch.finfo(cov.dtype).tiny)
-    rho = (cov / norm).clamp(-1.0, 1.0)
-    theta = torch.arccos(rho)
-    dot = half_sq - factor * theta
-    nngp = dot * cov + factor * (torch.sin(theta) * norm)
-    return nngp, (dot if ntk is None else ntk * dot)
-
-
-def _compiled(name: str, fn):
-    if name not in _COMPILED:
-        _COMPILED[name] = torch.compile(fn, dynamic=True)
-    return _COMPILED[name]
-
-
-def arccos_dual(cov: torch.Tensor, var1: torch.Tensor, var2: torch.Tensor, a: float, b: float,
-                ntk: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The dual of ``φ(x) = a·min(x, 0) + b·max(x, 0)`` (ReLU: ``a=0, b=1``) in one fused
-    pass when compiled (:func:`use_compiled`), else eagerly.
-
-    ``cov`` of shape ``B + S``; ``var1``/``var2`` broadcastable to it (a pixel-pair tile's
-    ``(B1, 1, *S, *1s)`` and ``(1, B2, *1s, *S)``). With ``θ = arccos ρ``,
-    ``ρ = cov / sqrt(var1 var2)``: ``dot = (a² + b²)/2 − (a − b)² θ / (2π)`` and
-    ``nngp = dot · cov + (a − b)²/(2π) · sin θ · sqrt(var1 var2)``. Returns
-    ``(nngp, dot)``, or ``(nngp, ntk · dot)`` when ``ntk`` is given (the NTK product fused
-    in as well).
-    """
-    half_sq = (a * a + b * b) / 2
-    factor = (a - b) ** 2 / (2 * math.pi)
-    if use_compiled(cov, var1, var2, *(() if ntk is None else (ntk,))):
-        try:
-            fn = _compiled("arccos_dual", _arccos_dual_eager)
-            return fn(cov, var1, var2, half_sq, factor, ntk)
-        except Exception as exc:  # noqa: BLE001 - any backend failure falls back to eager
-            _COMPILE_FAILED.append(exc)
-            warnings.warn(f"ntkit: compiled kernels unavailable ({type(exc).__name__}: "
-                          f"{str(exc)[:200]}); using eager PyTorch.", RuntimeWarning,
-                          stacklevel=2)
-    return _arccos_dual_eager(cov, var1, var2, half_sq, factor, ntk)
