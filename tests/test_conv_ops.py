@@ -23,8 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ntkit.layers._conv_ops import (avg_pool, mean_spatial, output_size, pair_diagonal,
-                                    window_sum)
+from ntkit.layers._conv_ops import avg_pool, mean_spatial, output_size, pair_diagonal, window_sum
 
 DT = torch.float64
 

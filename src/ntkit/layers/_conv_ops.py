@@ -33,9 +33,9 @@ copies and in-place adds on a fresh tensor), work in any floating dtype and on a
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from functools import lru_cache
 from itertools import product
-from typing import Sequence
 
 import torch
 
