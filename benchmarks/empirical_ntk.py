@@ -425,11 +425,11 @@ def main(cfg: dict, repeats: int, threads: int, shared: bool) -> str:
 
 # --------------------------------------------------------------------------- CNN rows
 # (channels, readout, O, N, output): ntkit's nk.cnn(3, channels) on 28×28×1 inputs, float64.
-CNN = {"grid": [(32, "flatten", 1, 128, "trace"), (32, "flatten", 10, 64, "full"),
+CNN = {"grid": [(32, "flatten", 1, 32, "trace"), (32, "flatten", 1, 128, "trace"),
+                (32, "flatten", 10, 64, "full"), (32, "gap", 10, 16, "full"),
                 (32, "gap", 1, 128, "trace"), (32, "gap", 10, 64, "full"),
-                (128, "flatten", 1, 32, "trace"), (128, "gap", 10, 16, "full")],
-       "nt": [(32, "flatten", 1, 128, "trace"), (32, "gap", 10, 64, "full"),
-              (128, "flatten", 1, 32, "trace")]}
+                (128, "flatten", 1, 32, "trace"), (128, "gap", 1, 32, "trace")],
+       "nt": [(32, "flatten", 1, 32, "trace"), (32, "gap", 10, 16, "full")]}
 CNN_QUICK = {"grid": [(8, "flatten", 1, 16, "trace"), (8, "gap", 3, 16, "full")],
              "nt": [(8, "flatten", 1, 16, "trace")]}
 CNN_METHODS = ("structured", "jacobian", "ntk_vp")
