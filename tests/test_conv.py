@@ -399,3 +399,36 @@ def test_cuda_kernels_follow_the_inputs():
             torch.testing.assert_close(gpu[name].cpu(), cpu[name], rtol=1e-12, atol=1e-12)
             assert torch.equal(gpu[name], gpu[name].T)
             assert torch.equal(gpu_diag[name], gpu[name].diagonal())
+
+
+# ------------------------------------------------------------------------- fused dual
+def test_fused_relu_dual_matches_the_eager_one(monkeypatch):
+    """Big tiles use one compiled loop for the ReLU-family dual (NTKIT_FUSE=auto above
+    fused.THRESHOLD entries); forced here on a small pooled CNN with awkward rows (equal,
+    negated, zero and scaled images: correlations of exactly ±1): the same kernels to
+    rounding, still exactly symmetric. Without a compiler it warns and stays eager."""
+    import ntkit.layers.activations.fused as fused
+
+    x = _with_awkward_rows(_images(4, seed=6))
+    net = nk.serial(nk.Conv(4, 3, 1, "same", 1.3, 0.2), nk.LeakyReLU(0.1), nk.AvgPool(2, 1),
+                    nk.Flatten(), nk.Dense(1, 1.0, 0.1))
+    monkeypatch.setenv("NTKIT_FUSE", "0")
+    eager = net.kernel(x)
+    monkeypatch.setenv("NTKIT_FUSE", "1")
+    fast = net.kernel(x)
+    for name in ("nngp", "ntk"):
+        torch.testing.assert_close(fast[name], eager[name], rtol=1e-13, atol=1e-300)
+        assert torch.equal(fast[name], fast[name].T)
+    # A compiler failure: one warning, then the eager dual.
+    monkeypatch.setattr(fused, "_compiled", None)
+    monkeypatch.setattr(fused.torch, "compile", _broken_compile)
+    with pytest.warns(RuntimeWarning, match="fused .* unavailable"):
+        again = net.kernel(x)
+    assert fused._failed
+    monkeypatch.setattr(fused, "_failed", False)
+    for name in ("nngp", "ntk"):
+        torch.testing.assert_close(again[name], eager[name], rtol=0, atol=0)
+
+
+def _broken_compile(*args, **kwargs):
+    raise RuntimeError("no C++ compiler")

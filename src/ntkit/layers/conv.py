@@ -249,11 +249,27 @@ class Conv(Layer):
         def total(t: torch.Tensor) -> torch.Tensor:
             return window_sum(t, ks, st, self.padding, pairs)
 
-        def pixel_total(t: torch.Tensor) -> torch.Tensor:  # per-pixel variances
-            return window_sum(t, ks, st, self.padding, False).mul_(scale).add_(b2)
+        def pixel_total(t: torch.Tensor) -> torch.Tensor:  # per-pixel variances (small)
+            return window_sum(t, ks, st, self.padding, False) * scale + b2
 
+        # Few passes over the tile, in place where autograd allows: these maps are
+        # memory-bound, one fresh tensor per kernel and layer.
+        exact = not isinstance(scale, torch.Tensor) and not isinstance(b2, torch.Tensor)
         cov_sum = total(k.cov)
-        cov = cov_sum * scale + b2
+        ntk = k.ntk
+        ntk_sum = None if ntk is None or ntk.dim() == 0 else total(ntk)
+        base = None
+        if ntk is not None and self.parameterization == "standard":
+            # The gradients of W ~ N(0, W_std²/fan_in) and of the bias enter unscaled:
+            # fan_in · (window mean of Σ) + 1 = C_in · (window sum of Σ) + 1, C_in the
+            # declared width.
+            base = (cov_sum * k.width).add_(1.0)
+        if exact:
+            cov = cov_sum.mul_(scale)
+            if b2:
+                cov.add_(b2)
+        else:
+            cov = cov_sum * scale + b2
         if k.variances_are_cov:
             var1 = var2 = cov
         else:
@@ -261,16 +277,14 @@ class Conv(Layer):
             var2 = _per_pixel(k, k.var2, pixel_total, False)
             if pairs and k.tape is not None:
                 cov = k.tape.exact_diagonal(cov, var1, d)
-        ntk = k.ntk
         if ntk is not None:
-            ntk_term = None if ntk.dim() == 0 else total(ntk) * scale
-            if self.parameterization == "ntk":
-                ntk = cov if ntk_term is None else cov + ntk_term
+            head = cov if base is None else base
+            if ntk_sum is None:
+                ntk = head
+            elif exact:
+                ntk = torch.add(head, ntk_sum, alpha=scale)
             else:
-                # The gradients of W ~ N(0, W_std²/fan_in) and of the bias enter unscaled:
-                # fan_in · (window mean of Σ) + 1, fan_in = C_in · |w| (the declared width).
-                base = cov_sum * k.width + 1.0
-                ntk = base if ntk_term is None else base + ntk_term
+                ntk = head + ntk_sum * scale
         # Each output channel is a zero-mean combination of the inputs (independent weights
         # per channel): zero mean per pixel, and Gaussian at infinite width (CLT).
         return k.replace(cov=cov, var1=var1, var2=var2, ntk=ntk, width=self.features,

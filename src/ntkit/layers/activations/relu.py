@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .fused import abrelu_dual
 from .protocol import Activation, check_finite_number, correlation, tracking
 
 _TWO_PI = 2.0 * math.pi
@@ -62,8 +63,13 @@ class ABReLU(Activation):
 
     def dual(self, cov, var1, var2, need_dot=True):
         a, b = self.a, self.b
-        rho, norm = correlation(cov, var1, var2)
         factor = (a - b) ** 2 / _TWO_PI
+        if not tracking(cov, var1, var2):
+            # Big tiles (convolutional kernels): one compiled loop (see fused.py).
+            fused = abrelu_dual(cov, var1, var2, (a * a + b * b) / 2, factor)
+            if fused is not None:
+                return fused[0], (fused[1] if need_dot else None)
+        rho, norm = correlation(cov, var1, var2)
         if tracking(cov, var1, var2):
             theta = _SafeArccos.apply(rho)
             dot = (a * a + b * b) / 2 - factor * theta
