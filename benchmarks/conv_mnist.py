@@ -169,6 +169,11 @@ def table(rows: dict[str, dict], header: str) -> str:
         "(t = ∞, no ridge, nk.predict.gp_inference), argmax. Kernel entries = N_train·"
         "(N_train+1)/2 + N_test·N_train. Each row has its own stamp (rows ran separately).",
         "",
+        "Noise: one accuracy measured on N_test digits has a binomial standard error of "
+        "sqrt(a(1 − a)/N_test) — about 0.75 points at 94% on 1000 digits, 1.3 points at 91% "
+        "on 500 — so differences below about two points between rows of one image size are "
+        "within the split-to-split spread (neural-tangents' anchors come from its own split).",
+        "",
         "| image | network | N_train / N_test | test accuracy | neural-tangents (issue) | "
         "kernel time (train + test) | per entry | solve | threads | row stamp |",
         "|---|---|---|---|---|---|---|---|---|---|",
