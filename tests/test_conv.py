@@ -432,3 +432,25 @@ def test_fused_relu_dual_matches_the_eager_one(monkeypatch):
 
 def _broken_compile(*args, **kwargs):
     raise RuntimeError("no C++ compiler")
+
+
+def test_pooling_in_branches_replays_each_branch_its_own_variances():
+    """Each pooling layer reads its own recorded variances, in network order, whatever the
+    branches: k(x, x) of a tile of pairs (x2 given, so no diagonal is copied) equals the
+    diagonal pass, with different pools in the two branches of a residual block."""
+    x = _images(4, seed=8)
+    net = nk.serial(
+        nk.Conv(4, 3, 1, "same", 1.3, 0.2), nk.FanOut(2),
+        nk.parallel(nk.serial(nk.ReLU(), nk.AvgPool(2, 1, "same"), nk.Conv(4, 3)),
+                    nk.serial(nk.Erf(), nk.AvgPool(3, 1, "same"), nk.Conv(4, 1))),
+        nk.FanInSum(), nk.ReLU(), nk.GlobalAvgPool(), nk.Dense(1, 1.0, 0.1))
+    full, diag = net.kernel(x, x.clone()), net.kernel(x, diagonal=True)
+    for name in ("nngp", "ntk"):
+        torch.testing.assert_close(full[name].diagonal(), diag[name], rtol=1e-13, atol=0)
+
+
+def test_overflowing_images_are_named():
+    x = _images(4)
+    x[2] *= 1e200
+    with pytest.raises(ValueError, match=r"not finite .* rows \[2\] of x1"):
+        nk.cnn(2, 4, pool="gap").kernel(x)
