@@ -324,3 +324,29 @@ def test_cuda_cnn_matches_cpu():
             got = nk.empirical_ntk(m_gpu, x.cuda(), method=method, output="full", batch_size=4)
             assert got.device.type == "cuda"
             torch.testing.assert_close(got.cpu(), cpu[method], rtol=1e-10, atol=1e-12)
+
+
+def test_repeated_modules_and_tied_layers():
+    # One nn.ReLU instance after every conv is applied every time (named_children() would
+    # list it once); a conv module used twice ties its parameters: the structured path
+    # refuses it, the general methods sum the two uses' gradients, and the user's model
+    # keeps its Parameter objects (functional_call alone would leave detached copies).
+    torch.manual_seed(0)
+    act = nn.Tanh()
+    shared_act = nn.Sequential(nn.Conv2d(1, 3, 3), act, nn.Conv2d(3, 3, 3), act,
+                               nn.Flatten(), nn.Linear(12, 2)).to(F64)
+    x = torch.randn(4, 1, 6, 6, dtype=F64)
+    for method in ALL_METHODS:
+        assert rel_err(nk.empirical_ntk(shared_act, x, method=method, output="full"),
+                       naive_ntk(shared_act, x)) < 1e-10, method
+    conv = nn.Conv2d(2, 2, 3, padding=1)
+    tied = nn.Sequential(conv, nn.Tanh(), conv, nn.Tanh(), nn.Flatten(),
+                         nn.Linear(2 * 25, 1)).to(F64)
+    weight = conv.weight
+    xt = torch.randn(4, 2, 5, 5, dtype=F64)
+    ref = naive_ntk(tied, xt)
+    with pytest.raises(ValueError, match=r"module '2' is the same module as '0' \(tied"):
+        nk.empirical_ntk(tied, xt, method="structured")
+    for method in GENERIC + ("auto",):
+        assert rel_err(nk.empirical_ntk(tied, xt, method=method, output="full"), ref) < 1e-10
+        assert conv.weight is weight and isinstance(conv.weight, nn.Parameter)

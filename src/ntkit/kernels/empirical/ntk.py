@@ -14,7 +14,13 @@ from .auto import choose
 from .blocks import Request, _budget
 from .jacobian import JACOBIAN, NTK_VP
 from .method import Method
-from .setup import _RANDOM_MESSAGE, _check_kernel_finite, _setup, _Setup
+from .setup import (
+    _RANDOM_MESSAGE,
+    _check_kernel_finite,
+    _preserving_parameters,
+    _setup,
+    _Setup,
+)
 from .structured import STRUCTURED
 
 # The dispatch table. A new method is a module defining a ``Method`` and one entry here; the
@@ -127,8 +133,9 @@ def empirical_ntk(model: nn.Module, x1: Tensorish, x2: Tensorish | None = None, 
     budget = _budget(memory_budget, setup.x1.device)
     method = _method_for(method, setup, output, per_param)
     try:
-        total, parts = METHOD_TABLE[method].compute(
-            setup, Request(output, bool(per_param), budget, batch_size))
+        with _preserving_parameters(setup.model):
+            total, parts = METHOD_TABLE[method].compute(
+                setup, Request(output, bool(per_param), budget, batch_size))
     except RuntimeError as err:
         # Randomness from a private torch.Generator escapes the probe's global-RNG check;
         # vmap then refuses it with a message about vmap's flags, not about the model.

@@ -9,6 +9,8 @@ the rows of a kernel that overflowed.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -292,3 +294,27 @@ def _setup(model: nn.Module, x1: Tensorish, x2: Tensorish | None, params: Any) -
     out_dtype = t1.dtype if t1.is_floating_point() else out.dtype
     return _Setup(model, t1, t2, selected, consts, n_out, out.dtype, out_dtype, act_numel,
                   flops if flops > 0 else 2.0 * n_params)
+
+
+@contextmanager
+def _preserving_parameters(model: nn.Module) -> Iterator[None]:
+    """Put back every module's registered parameters and buffers afterwards.
+
+    ``torch.func.functional_call`` swaps tensors into the modules and back; when one module
+    object appears twice in a model (``nn.Sequential(lin, act, lin)``, a tied layer) its
+    restore runs once per name and leaves the *substituted* detached tensor in place (seen
+    with torch 2.13: ``lin.weight`` is no longer a Parameter afterwards). The kernel itself
+    is right — each call substitutes all names again — but the user's model would be
+    silently broken, so the original objects are restored by identity.
+    """
+    saved = [(m, dict(m._parameters), dict(m._buffers)) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, params, buffers in saved:
+            for store, before in ((m._parameters, params), (m._buffers, buffers)):
+                for key, value in before.items():
+                    if store.get(key) is not value:
+                        store[key] = value
+                        if hasattr(m, "__dict__") and key in m.__dict__:
+                            del m.__dict__[key]  # a plain attribute shadowing the slot

@@ -106,8 +106,12 @@ class _Step:
 
 
 def _flatten_sequential(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
+    # Not named_children(): it skips a module's repeated occurrences (one nn.ReLU instance
+    # used after every layer), which the forward pass applies every time.
     out = []
-    for name, child in model.named_children():
+    for name, child in model._modules.items():
+        if child is None:
+            continue
         full = f"{prefix}{name}"
         if type(child) is nn.Sequential:
             out.extend(_flatten_sequential(child, full + "."))
@@ -116,18 +120,20 @@ def _flatten_sequential(model: nn.Module, prefix: str = "") -> list[tuple[str, n
     return out
 
 
-def _selected_names(name: str, m: nn.Module, chosen: set[str] | None) -> dict[str, str | None]:
+def _selected_names(name: str, m: nn.Module, chosen: set[int] | None
+                    ) -> dict[str, str | None]:
+    """``weight``/``bias`` -> ``"<name>.weight"`` etc. if that parameter is differentiated
+    (``chosen``: ids of the selected parameters, None = every trainable one)."""
     out: dict[str, str | None] = {}
     for k in ("weight", "bias"):
         p = getattr(m, k, None)
-        full = f"{name}.{k}"
         ok = isinstance(p, torch.Tensor) and p.requires_grad and (chosen is None
-                                                                 or full in chosen)
-        out[k] = full if ok else None
+                                                                 or id(p) in chosen)
+        out[k] = f"{name}.{k}" if ok else None
     return out
 
 
-def _classify(name: str, m: nn.Module, chosen: set[str] | None) -> _Step | str:
+def _classify(name: str, m: nn.Module, chosen: set[int] | None) -> _Step | str:
     """The step for module ``m``, or the reason it prevents the structured path."""
     if m._forward_hooks or m._forward_pre_hooks:
         return f"module {name!r} has forward hooks"
@@ -153,7 +159,7 @@ def _classify(name: str, m: nn.Module, chosen: set[str] | None) -> _Step | str:
     if isinstance(m, _PARAMETER_FREE_ACTS):
         return _Step("act", name, m)
     own = [n for n, p in m.named_parameters() if p.requires_grad
-           and (chosen is None or f"{name}.{n}" in chosen)]
+           and (chosen is None or id(p) in chosen)]
     if own:
         return (f"module {name!r} ({type(m).__name__}) has differentiated parameters "
                 f"({', '.join(own[:3])}) and is not a Linear/DenseModule, Conv1d/Conv2d or "
@@ -163,6 +169,15 @@ def _classify(name: str, m: nn.Module, chosen: set[str] | None) -> _Step | str:
 
 def _torch_forward(m: nn.Module) -> Callable:
     return nn.Conv1d.forward if isinstance(m, nn.Conv1d) else nn.Conv2d.forward
+
+
+def _registered(model: nn.Module, m: nn.Module, attr: str) -> str:
+    """The name ``model.named_parameters()`` gives ``m.<attr>``."""
+    target = getattr(m, attr)
+    for name, p in model.named_parameters():
+        if p is target:
+            return name
+    raise AssertionError(f"{attr} of {type(m).__name__} is not a parameter of the model")
 
 
 def structured_plan(model: nn.Module, params: Iterable[str] | None = None,
@@ -177,12 +192,24 @@ def structured_plan(model: nn.Module, params: Iterable[str] | None = None,
     """
     if type(model) is not nn.Sequential:
         return [], f"model is {type(model).__name__}, not an nn.Sequential"
-    chosen = set(params) if params is not None else None
+    chosen = None
+    if params is not None:  # by identity: a tied parameter has one name but several uses
+        names = set(params)
+        chosen = {id(p) for n, p in model.named_parameters() if n in names}
     steps: list[_Step] = []
+    seen: dict[int, str] = {}
     for name, m in _flatten_sequential(model):
         step = _classify(name, m, chosen)
         if isinstance(step, str):
             return [], step
+        if step.selected and id(m) in seen:
+            # Tied parameters: the gradient is the sum over the uses, not one per layer.
+            return [], (f"module {name!r} is the same module as {seen[id(m)]!r} (tied "
+                        "parameters)")
+        seen.setdefault(id(m), name)
+        if step.selected:  # name the gradients by the parameter's registered name
+            step.weight = step.weight and _registered(model, m, "weight")
+            step.bias = step.bias and _registered(model, m, "bias")
         steps.append(step)
     if not any(s.selected for s in steps):
         return [], "no differentiated parameter is in a Linear/DenseModule/Conv/BatchNorm layer"
