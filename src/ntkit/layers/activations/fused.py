@@ -27,7 +27,7 @@ import torch
 #: Tiles of at least this many entries use the fused dual under ``NTKIT_FUSE=auto``.
 THRESHOLD = 1 << 20
 
-_compiled = None
+_compiled: dict[bool, object] = {}
 _failed = False
 
 
@@ -43,6 +43,14 @@ def _abrelu_dual(cov: torch.Tensor, var1: torch.Tensor, var2: torch.Tensor,
     return dot * cov + factor * (sine * norm), dot
 
 
+def _abrelu_dual_ntk(cov: torch.Tensor, var1: torch.Tensor, var2: torch.Tensor,
+                     ntk: torch.Tensor, half_sum: float, factor: float
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(nngp, ntk · dot)``: the activation's whole kernel map of a tile in one loop."""
+    nngp, dot = _abrelu_dual(cov, var1, var2, half_sum, factor)
+    return nngp, ntk * dot
+
+
 def _wanted(cov: torch.Tensor) -> bool:
     mode = os.environ.get("NTKIT_FUSE", "auto").strip().lower()
     if _failed or mode in ("0", "off", "false", "no"):
@@ -53,17 +61,23 @@ def _wanted(cov: torch.Tensor) -> bool:
 
 
 def abrelu_dual(cov: torch.Tensor, var1: torch.Tensor, var2: torch.Tensor, half_sum: float,
-                factor: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+                factor: float, ntk: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(nngp, dot)`` of the ReLU family (``half_sum = (a² + b²)/2``, ``factor = (a −
-    b)²/(2π)``) from the fused loop, or ``None`` when the eager dual should be used (small
-    tile, fusion off, or compilation unavailable)."""
-    global _compiled, _failed
+    b)²/(2π)``) from the fused loop, or with ``ntk`` given ``(nngp, ntk · dot)``; ``None``
+    when the eager dual should be used (small tile, fusion off, compilation unavailable)."""
+    global _failed
     if not _wanted(cov):
         return None
+    with_ntk = ntk is not None
     try:
-        if _compiled is None:
-            _compiled = torch.compile(_abrelu_dual, dynamic=True)
-        return _compiled(cov, var1, var2, half_sum, factor)
+        if with_ntk not in _compiled:
+            _compiled[with_ntk] = torch.compile(_abrelu_dual_ntk if with_ntk else _abrelu_dual,
+                                                dynamic=True)
+        fn = _compiled[with_ntk]
+        if with_ntk:
+            return fn(cov, var1, var2, ntk, half_sum, factor)
+        return fn(cov, var1, var2, half_sum, factor)
     except Exception as error:  # noqa: BLE001 - any compiler failure means: stay eager
         _failed = True
         warnings.warn(f"ntkit: the fused (torch.compile) ReLU dual is unavailable ({error!r:.200}); "

@@ -102,8 +102,7 @@ class Activation(Layer):
         # phi(u) for a non-affine phi is not Gaussian; a·u + c is whenever u is.
         gaussian = k.gaussian if affine else False
         m1, m2 = k.marginals()
-        nngp, dot = self.dual(k.cov, m1, m2, need_dot=k.ntk is not None)
-        ntk = None if k.ntk is None else k.ntk * dot
+        nngp, ntk = self.dual_ntk(k.cov, m1, m2, k.ntk)
         # The feature means E[φ(u)] follow from the duals' own assumption, centred Gaussian
         # pre-activations; a nonzero or unknown incoming mean (raw inputs, another
         # activation) breaks it, and then the outgoing mean is unknown as well. O(N) work.
@@ -127,6 +126,14 @@ class Activation(Layer):
                 nngp = torch.where(same, var1.expand_as(nngp), nngp)
         return k.replace(cov=nngp, var1=var1, var2=var2, ntk=ntk, mean1=mean1, mean2=mean2,
                          gaussian=gaussian)
+
+    def dual_ntk(self, cov: torch.Tensor, var1: torch.Tensor, var2: torch.Tensor,
+                 ntk: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(E[φ(u)φ(v)], ntk · E[φ'(u)φ'(v)])`` (the second ``None`` without ``ntk``): the
+        kernel map of a tile. From :meth:`dual` unless a subclass fuses the two (the ReLU
+        family does for big tiles, see ``fused.py``)."""
+        nngp, dot = self.dual(cov, var1, var2, need_dot=ntk is not None)
+        return nngp, (None if ntk is None else ntk * dot)
 
     @property
     def affine(self) -> bool:

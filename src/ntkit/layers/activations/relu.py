@@ -87,6 +87,15 @@ class ABReLU(Activation):
             nngp.addcmul_(sine, norm, value=factor)
         return nngp, (dot if need_dot else None)
 
+    def dual_ntk(self, cov, var1, var2, ntk):
+        if ntk is not None and not tracking(cov, var1, var2, ntk):
+            # Big tiles: the dual and the NTK's product in one compiled loop (fused.py).
+            fused = abrelu_dual(cov, var1, var2, (self.a ** 2 + self.b ** 2) / 2,
+                                (self.a - self.b) ** 2 / _TWO_PI, ntk)
+            if fused is not None:
+                return fused
+        return super().dual_ntk(cov, var1, var2, ntk)
+
     def variance(self, var):
         return var * ((self.a * self.a + self.b * self.b) / 2)
 
