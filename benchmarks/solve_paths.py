@@ -137,9 +137,20 @@ def reference_predictions(n: int, n_test: int, d: int, diag_reg: float) -> np.nd
 
 
 def subprocess_path(args, path: str, n: int, store: str | None = None) -> dict:
+    """Run ``path`` at size ``n`` in a subprocess; with ``--results-dir`` its figures are
+    kept there (``<path>_<n>.json``, predictions ``.npy``) and reused by later runs, so a
+    long table can be produced over several sessions."""
+    saved = Path(args.results_dir) / f"{path}_{n}.json" if args.results_dir else None
+    if saved is not None and saved.exists():
+        result = json.loads(saved.read_text())
+        if saved.with_suffix(".npy").exists():
+            result["pred"] = np.load(saved.with_suffix(".npy"))
+        print("reusing", saved, flush=True)
+        return result
     with tempfile.TemporaryDirectory() as tmp:
         pred = Path(tmp) / "pred.npy"
-        cmd = [sys.executable, __file__, "--worker", "--path", path, "--n", str(n),
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--path", path,
+               "--n", str(n),
                "--n-test", str(args.n_test), "--d", str(args.d), "--diag-reg",
                str(args.diag_reg), "--tol", str(args.tol), "--landmarks", str(args.landmarks),
                "--tile", str(args.tile), "--threads", str(args.threads), "--max-iter",
@@ -152,8 +163,13 @@ def subprocess_path(args, path: str, n: int, store: str | None = None) -> dict:
             print(proc.stderr[-3000:], flush=True)
             return {"path": path, "error": proc.stderr.strip().splitlines()[-1][:200]}
         result = json.loads(proc.stdout.strip().splitlines()[-1])
+        if saved is not None:
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            saved.write_text(json.dumps(result, default=float))
         if pred.exists():
             result["pred"] = np.load(pred)
+            if saved is not None:
+                np.save(saved.with_suffix(".npy"), result["pred"])
         print({k: v for k, v in result.items() if k not in ("pred", "history", "reason")},
               flush=True)
         return result
@@ -179,6 +195,8 @@ def main() -> None:
     p.add_argument("--only", default=None, help="comma-separated paths to run")
     p.add_argument("--name", default="solve_paths")
     p.add_argument("--quick", action="store_true", help="small validation run, no table")
+    p.add_argument("--results-dir", default=None,
+                   help="keep each path's figures here and reuse them (several sessions)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--path", default=None, help=argparse.SUPPRESS)
     p.add_argument("--pred-out", default=None, help=argparse.SUPPRESS)
@@ -210,9 +228,20 @@ def main() -> None:
         shutil.rmtree(store, ignore_errors=True)
     if wanted("matrix_free"):
         rows["matrix_free"] = subprocess_path(args, "matrix_free_timing", args.n)
+    if args.results_dir:  # paths finished in earlier sessions join the table
+        for key, path in (("auto", "auto"), ("disk_cg", "disk_cg"),
+                          ("matrix_free", "matrix_free_timing")):
+            f = Path(args.results_dir) / f"{path}_{args.n}.json"
+            if key not in rows and f.exists():
+                rows[key] = json.loads(f.read_text())
+        rows = {k: rows[k] for k in ("auto", "disk_cg", "matrix_free") if k in rows}
     # Accuracy on the subsample where float64 fits: the full-size choice, forced.
     check = {}
-    if wanted("check"):
+    check_file = (Path(args.results_dir) / f"check_{min(args.check_n, args.n)}.json"
+                  if args.results_dir else None)
+    if check_file is not None and check_file.exists():
+        check = json.loads(check_file.read_text())
+    elif wanted("check"):
         m = min(args.check_n, args.n)
         sub = subprocess_path(args, plan.path if plan.path != "disk_cg" else "dense_cg", m,
                               tempfile.mkdtemp(prefix="ntkit-check-"))
@@ -228,6 +257,8 @@ def main() -> None:
             check["sklearn_cpu"] = sk["cpu"]
             check["path_total"], check["path_cpu"] = sub["total"], sub["cpu"]
         print("check", check, flush=True)
+        if check_file is not None:
+            check_file.write_text(json.dumps(check))
     if args.quick:
         return
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "pred"}
