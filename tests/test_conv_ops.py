@@ -305,3 +305,22 @@ def test_entries_do_not_depend_on_the_batch_shape(pairs):
         part = window_sum(t[1:2, 2], ks, 1, pad, pairs, scale=0.37, bias=0.11,
                           add=add[1:2, 2] if pad == "same" else None)
         assert torch.equal(whole[1:2, 2], part)
+
+
+@pytest.mark.parametrize("pairs", [False, True])
+def test_chunked_passes_equal_whole_passes(pairs, monkeypatch):
+    """Large CPU tensors are summed chunk by chunk along the batch axes (cache-sized); the
+    result is bit for bit that of one piece, for chunks that do not divide the batch."""
+    from ntkit.layers import _conv_ops
+
+    g = torch.Generator().manual_seed(8)
+    sp = (6, 5)
+    t = torch.randn(3, 5, *sp, *(sp if pairs else ()), generator=g, dtype=DT)
+    whole = window_sum(t, (3, 3), 1, "same", pairs, scale=0.5, bias=0.25)
+    item = math.prod(t.shape[2:]) * 8
+    monkeypatch.setattr(_conv_ops, "CHUNK_BYTES", 4 * item)   # chunks of 4 of 15 items
+    chunked = window_sum(t, (3, 3), 1, "same", pairs, scale=0.5, bias=0.25)
+    assert torch.equal(chunked, whole)
+    monkeypatch.setattr(_conv_ops, "CHUNK_BYTES", 1)          # one item per chunk
+    assert torch.equal(window_sum(t.transpose(0, 1), (3, 3), 1, "same", pairs),
+                       window_sum(t, (3, 3), 1, "same", pairs).transpose(0, 1))

@@ -161,7 +161,7 @@ def _complement(r: slice, n: int, pairs: bool) -> list[tuple]:
 
 
 def _same_stride1_pass(t: torch.Tensor, spatial: tuple[int, ...], d: int, k: int,
-                       pairs: bool) -> torch.Tensor:
+                       pairs: bool, out: torch.Tensor | None = None) -> torch.Tensor:
     """The fast path of one dimension of a stride-1 ``"same"`` window sum: the spatial
     axes of each image are flattened to one pixel axis ``P`` (a view), so each shifted add
     runs over long contiguous stretches (``P - |shift|`` entries) instead of rows of ``W``.
@@ -171,7 +171,8 @@ def _same_stride1_pass(t: torch.Tensor, spatial: tuple[int, ...], d: int, k: int
     the mask multiplies by 0 or 1 (a non-finite entry next to the border would turn into
     NaN instead of being dropped; the evaluator refuses non-finite tiles anyway). Only
     additions (and exact multiplications by 0 or 1), so every entry is rounded the same way
-    wherever it sits in the tensor."""
+    wherever it sits in the tensor. ``out``: a contiguous tensor of ``t``'s shape to write
+    into (not under autograd)."""
     ndim = len(spatial)
     n_pix = math.prod(spatial)
     batch = t.shape[:t.dim() - (2 * ndim if pairs else ndim)]
@@ -179,8 +180,12 @@ def _same_stride1_pass(t: torch.Tensor, spatial: tuple[int, ...], d: int, k: int
     src = t.reshape(flat_shape)
     # out= writes are not differentiable: under autograd, start from a copy of the centre.
     first = not (torch.is_grad_enabled() and t.requires_grad)
-    out = (torch.empty(flat_shape, dtype=t.dtype, device=t.device) if first
-           else src.clone(memory_format=torch.contiguous_format))
+    if out is not None and first:
+        out = out.view(flat_shape)
+    elif first:
+        out = torch.empty(flat_shape, dtype=t.dtype, device=t.device)
+    else:
+        out = src.clone(memory_format=torch.contiguous_format)
     before = (k - 1) // 2
     step = math.prod(spatial[d + 1:])
     fused = first
@@ -217,6 +222,36 @@ def _same_stride1_pass(t: torch.Tensor, spatial: tuple[int, ...], d: int, k: int
     if fused and first:  # every offset but the centre lies in the padding
         out.copy_(src)
     return out.reshape(t.shape)
+
+
+#: Bytes of input per chunk of a large stride-1 "same" window sum on the CPU: both passes
+#: of a chunk run while it is in cache (measured on a 39 MB pixel-pair tile of 14x14 images,
+#: 1 core: 12.7 ns per entry whole, 7.1 in chunks of 4 pairs = 1.2 MB).
+CHUNK_BYTES = 1 << 21
+
+
+def _same_stride1(t: torch.Tensor, spatial: tuple[int, ...], kernel_size: tuple[int, ...],
+                  pairs: bool, passes: list[int]) -> torch.Tensor:
+    """All passes of a stride-1 ``"same"`` window sum, chunk by chunk along the batch axes
+    on the CPU (each chunk's intermediate stays in cache; the last pass writes straight
+    into the output), in one piece on other devices or under autograd."""
+    n_sp = 2 * len(spatial) if pairs else len(spatial)
+    item = math.prod(t.shape[t.dim() - n_sp:]) * t.element_size()
+    items = math.prod(t.shape[:t.dim() - n_sp])
+    chunk = max(1, CHUNK_BYTES // item)
+    if (t.device.type != "cpu" or items <= chunk
+            or (torch.is_grad_enabled() and t.requires_grad)):
+        for d in passes:
+            t = _same_stride1_pass(t, spatial, d, kernel_size[d], pairs)
+        return t
+    src = t.reshape((items,) + tuple(t.shape[t.dim() - n_sp:]))
+    out = torch.empty(src.shape, dtype=t.dtype, device=t.device)
+    for start in range(0, items, chunk):
+        part = src[start:start + chunk]
+        for j, d in enumerate(passes):
+            target = out[start:start + chunk] if j == len(passes) - 1 else None
+            part = _same_stride1_pass(part, spatial, d, kernel_size[d], pairs, out=target)
+    return out.view(t.shape)
 
 
 def _spatial_shape(t: torch.Tensor, ndim: int, pairs: bool, name: str) -> tuple[int, ...]:
@@ -280,9 +315,8 @@ def window_sum(t: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int
         passes = [d for d in range(ndim) if kernel_size[d] > 1]
         if not passes:
             return _affine_(t.clone(memory_format=torch.contiguous_format), scale, bias, add)
-        for d in passes:
-            t = _same_stride1_pass(t, spatial, d, kernel_size[d], pairs)
-        return _affine_(t, scale, bias, add)
+        return _affine_(_same_stride1(t, spatial, kernel_size, pairs, passes), scale, bias,
+                        add)
     for d in order:
         if pairs:
             axes = (d - 2 * ndim, d - ndim)
