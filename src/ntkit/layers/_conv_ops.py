@@ -26,8 +26,22 @@ sum is ``d`` one-dimensional passes (separability: a 3x3 window is 2 + 2 shifted
 9). Each one-dimensional pass writes its output once (a copy of the offset that covers the
 whole output, then in-place adds of strided views of the input for the other offsets);
 zero padding is the absence of an add on the padded part, circular padding is an add of
-the wrapped part as a separate block. All operations are differentiable (autograd sees
-copies and in-place adds on a fresh tensor), work in any floating dtype and on any device.
+the wrapped part as a separate block. The common stride-1 ``"same"`` case has a faster
+path: each image's pixels are viewed as one flattened axis so the shifted adds run over
+long contiguous stretches (a 0/1 mask drops the entries that wrap across a row), the first
+shifted add is fused with the copy of the centre, and on the CPU large tensors are summed
+in cache-sized chunks of the batch axes (:data:`CHUNK_BYTES`). Only additions and exact
+multiplications by 0 or 1 touch an entry, so every entry is rounded the same way wherever
+it sits in the tensor (the evaluator's exact equalities between tilings and layouts rely
+on it); ``scale``/``bias``/``add`` follow as separate in-place operations.
+
+All operations are differentiable (autograd sees copies and in-place adds on a fresh
+tensor), work in any floating dtype and on any device.
+
+Cost of :func:`window_sum` on a stride-1 3x3 pixel-pair tile, measured on this project's
+2-core machine (1 thread, float64, 14x14 images): about 2.4 ns per entry when the tile
+fits the caches and 6 ns for a 39 MB tile, against 1.2-2 ns for a plain copy of the tile
+(``benchmarks/conv_kernels.py`` has the micro-benchmark).
 """
 
 from __future__ import annotations
