@@ -284,9 +284,13 @@ def _table(args, plan, rows: dict, check: dict, stamp_line: str) -> str:
              "row is its own process (peak RSS = that process's maximum resident memory).", "",
              f"Cost model's choice at this size: **{plan.path}** ({plan.precision}) — "
              f"{plan.reason}.", "",
-             "Wall times depend on the other jobs sharing the 2 cores; the CPU column (user + "
-             "system seconds of the process, all threads) does not: on an idle machine the "
-             f"end-to-end wall time is about CPU / {args.threads}.", "",
+             "Wall times grow with the other jobs sharing the 2 cores (several helpers' tests "
+             "ran beside these rows); the CPU column (user + system seconds of the process, all "
+             "threads) grows much less (only through shared caches and memory bandwidth): on "
+             f"an idle machine the end-to-end wall time is at most about CPU / {args.threads}."
+             + (" Rows were measured in separate sessions (`--results-dir`), each in its own "
+                "process; the stamp is that of assembling the table." if args.results_dir
+                else ""), "",
              "| path | end to end (s) | CPU (s) | kernel (s) | preconditioner (s) | solve (s) | "
              "predict (s) | CG iterations | true rel. residual | peak RSS (GiB) | disk |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -324,6 +328,25 @@ def _table(args, plan, rows: dict, check: dict, stamp_line: str) -> str:
             lines.append(f"|  ↳ reader: {det['bytes_read'] / 2**30:.1f} GiB read in "
                          f"{det['read_seconds']:.0f} s (prefetch thread); arithmetic waited "
                          f"{det['wait_seconds']:.0f} s | | | | | | | | | | |")
+    measured = {r.get("method") for r in rows.values()} | (
+        {"matrix_free_cg"} if "matrix_free" in rows else set())
+    labels = {"direct32": "direct (float32+refinement)", "direct64": "direct (float64)",
+              "dense_cg": "dense_cg (float32 storage)", "disk_cg": "disk_cg (float32 storage)",
+              "matrix_free_cg": "matrix_free_cg"}
+    for key, label in labels.items():
+        direct_ran = {r.get("precision") for r in rows.values() if r.get("method") == "direct"}
+        if key.startswith("direct"):
+            if ("float64" if key == "direct64" else "float32+refinement") in direct_ran:
+                continue
+        elif key in measured:
+            continue
+        est = plan.estimates.get(key, float("inf"))
+        need = plan.needs.get(key, 0) / 2**30
+        what = (f"not run: cost-model estimate {est:.0f} s" if est != float("inf") else
+                f"does not fit (needs {need:.1f} GiB)")
+        if key == "direct32" and est != float("inf"):
+            what += f" (a float32 Cholesky of {n ** 3 / 3:.1e} flops)"
+        lines.append(f"| {label} | {what} | | | | | | | | | |")
     f64 = 8 * n * n / 2**30
     if f64 > 0.5 * plan.ram_limit / 2**30:  # K, plus scipy's copy for the solve
         lines.append(f"| scikit-learn KernelRidge(kernel='precomputed') | does not fit: the "
