@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import stamp, write_table  # noqa: E402
+from common import stamp, write_table
 
 
 def main() -> None:

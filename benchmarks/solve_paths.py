@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import shutil
 import subprocess
@@ -35,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import set_threads, stamp, write_table  # noqa: E402
+from common import set_threads, stamp, write_table
 
 LATENT, NOISE, OUTPUTS, DEPTH = 16, 0.3, 10, 4
 
@@ -109,8 +108,7 @@ def run_path(args) -> dict:
     np.save(args.pred_out, pred)
     out.update(method=res.method, precision=res.plan.precision, reason=res.plan.reason,
                iterations=res.iterations, residual=res.residual, converged=res.converged,
-               timings=res.timings, details={k: (v if not isinstance(v, float) else v)
-                                             for k, v in res.details.items()},
+               timings=res.timings, details=dict(res.details),
                fit=t_solve, predict=t_pred, total=time.perf_counter() - t0,
                peak_rss=peak_rss_gib(), history=res.history, cpu=cpu_seconds())
     if args.store and res.method == "disk_cg":

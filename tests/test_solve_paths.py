@@ -24,8 +24,8 @@ import scipy.linalg
 import torch
 
 import ntkit as nk
-from ntkit.scale import plan as plan_module
 from ntkit.scale import paths as paths_module
+from ntkit.scale import plan as plan_module
 from ntkit.scale.plan import path_needs, plan_solve
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
@@ -238,7 +238,7 @@ def test_disk_cg_resumes_the_kernel_store_and_the_cg_state(tmp_path, monkeypatch
 def test_client_blocks_and_dask_kernel_with_scattered_inputs():
     from dask.distributed import Client, LocalCluster
 
-    X, Y, Xt = _problem(n=160)
+    X, Y, _ = _problem(n=160)
     K_ref = NET.kernel(X, get="ntk").ntk.numpy()
     # In-process workers keep this test fast; tests/test_scale.py runs a multi-process
     # cluster, and benchmarks/dask_scaling.py measures one.

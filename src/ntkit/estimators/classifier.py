@@ -14,8 +14,14 @@ from sklearn.utils.validation import column_or_1d, validate_data
 from .._validation import UNSET, check_choice, check_get_renamed, resolve_ridge
 from ..layers.base import Layer
 from ..predict._ode import flow_predictor
-from .kernel_machines import (_CG_MAX_ITER, _DEFAULT_WIDTH, _SOLVERS, _check_time,
-                              _input_scale_hint, _InfiniteNetworkBase)
+from .kernel_machines import (
+    _CG_MAX_ITER,
+    _DEFAULT_WIDTH,
+    _SOLVERS,
+    _check_time,
+    _InfiniteNetworkBase,
+    _input_scale_hint,
+)
 
 _STIFF_SOLVER_MAX_SIZE = 2000  # n_train * n_classes up to which the flow uses LSODA
 

@@ -54,9 +54,15 @@ from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from .._validation import (check_choice, check_nonnegative, check_positive_int, resolve_dtype,
-                           resolve_ridge)
+from .._validation import (
+    check_choice,
+    check_nonnegative,
+    check_positive_int,
+    resolve_dtype,
+    resolve_ridge,
+)
 from ..layers.base import Layer
+
 # The estimators validate X and y once (sklearn's validate_data) and hand the validated
 # tensors to the predictors' internal entry points, which do not check them again.
 from ..predict._mse import mse_predictor

@@ -12,16 +12,16 @@
 import torch
 
 from .distributed import dask_kernel
-from .solvers import (
-                      DenseOperator,
-                      KernelOperator,
-                      NystromPreconditioner,
-                      SolveResult,
-                      conjugate_gradient,
-                      solve,
-)
 from .paths import predict as _predict
 from .plan import SolvePlan, plan_solve
+from .solvers import (
+    DenseOperator,
+    KernelOperator,
+    NystromPreconditioner,
+    SolveResult,
+    conjugate_gradient,
+    solve,
+)
 from .tiled import kernel_matrix
 
 
