@@ -213,7 +213,8 @@ def test_disk_cg_resumes_the_kernel_store_and_the_cg_state(tmp_path, monkeypatch
     first = nk.scale.solve(NET, X, Y, method="disk_cg", store=store, diag_reg=1e-3,
                            tol=1e-10, tile=64, n_landmarks=20, max_iter=3)
     assert not first.converged and first.iterations == 3
-    assert (store / "cg_checkpoint.pt").exists()
+    (sub,) = store.iterdir()  # one directory per computation
+    assert (sub / "cg_checkpoint.pt").exists() and first.details["store"] == str(sub / "kernel")
     import ntkit.scale.store as store_module
 
     def no_write(*args, **kwargs):
@@ -232,6 +233,11 @@ def test_disk_cg_resumes_the_kernel_store_and_the_cg_state(tmp_path, monkeypatch
     other = nk.scale.solve(NET, X, -Y, method="disk_cg", store=store, diag_reg=1e-3,
                            tol=1e-10, tile=64, n_landmarks=20)
     assert other.history[1] == pytest.approx(second.history[1])
+    monkeypatch.undo()
+    # Other inputs (a cross-validation fold) get their own kernel next to it.
+    nk.scale.solve(NET, X[:150], Y[:150], method="disk_cg", store=store, diag_reg=1e-3,
+                   tol=1e-8, tile=64, n_landmarks=20)
+    assert len(list(store.iterdir())) == 2
 
 
 # ----------------------------------------------------------------------------- Dask client

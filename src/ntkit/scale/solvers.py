@@ -306,7 +306,8 @@ def solve(net_or_operator: Layer | LinearKernelOperator | Any, X: Any, y: Any, *
     * ``"direct"``: ``K`` in RAM, Cholesky — float64 where ``8 N²`` bytes fit, else a float32
       factor (``4 N²`` bytes in all) refined to float64 residuals by CG;
     * ``"dense_cg"``: ``K`` in RAM as float32, Nyström-preconditioned CG in float64;
-    * ``"disk_cg"``: ``K`` in the resumable zarr store ``store/kernel`` (float32), CG
+    * ``"disk_cg"``: ``K`` in a resumable zarr store under ``store`` (float32;
+      ``store/kernel-<fingerprint>/kernel``, one per inputs/network/kernel/tiling), CG
       streaming its blocks with a prefetching reader; needs ``store``;
     * ``"matrix_free_cg"``: CG recomputing ``K`` at each iteration (today's ``"cg"``).
 
@@ -467,7 +468,13 @@ def _solve_planned(net: Layer, X: Any, y: Any, *, method: str, diag_reg: float,
         elif plan.path == "disk_cg":
             from .store import kernel_to_zarr
 
-            root = Path(store)
+            from .store import _store_fingerprint
+
+            # One sub-directory per computation (inputs, network, kernel, tiling): the same
+            # call resumes its own kernel and CG state; another (a cross-validation fold)
+            # gets its own instead of being refused.
+            fp = _store_fingerprint(net, t, None, get, tile, t.dtype, torch.float32)
+            root = Path(store) / f"kernel-{fp.digest[:16]}"
             root.mkdir(parents=True, exist_ok=True)
             arr = kernel_to_zarr(net, t, None, get, tile, root / "kernel", True, progress,
                                  storage=torch.float32, client=client)
@@ -506,7 +513,7 @@ def _solve_planned(net: Layer, X: Any, y: Any, *, method: str, diag_reg: float,
         residual, converged = float(rel.max()), bool((rel <= tol).all())
         if plan.path == "disk_cg":
             details.update(bytes_read=op.bytes_read, read_seconds=op.read_seconds,
-                           wait_seconds=op.wait_seconds, store=str(Path(store) / "kernel"))
+                           wait_seconds=op.wait_seconds, store=str(root / "kernel"))
         if plan.path == "dense_cg":
             del K, op
     timings["total"] = time.perf_counter() - t0
