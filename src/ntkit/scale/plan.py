@@ -133,7 +133,7 @@ def path_needs(n: int, k: int, d: int, n_landmarks: int, tile: int) -> dict[str,
 def plan_solve(n: int, n_outputs: int = 1, *, n_features: int = 1, depth: int = 2,
                method: str = "auto", memory_budget: int | None = None,
                store: str | os.PathLike | None = None, ridge_positive: bool = True,
-               n_landmarks: int = 1000, tile: int = 2048) -> SolvePlan:
+               n_landmarks: int = 1000, tile: int = 2048, device=None) -> SolvePlan:
     """Choose the path for an ``N x N`` kernel system with ``n_outputs`` right-hand sides.
 
     Args:
@@ -150,6 +150,9 @@ def plan_solve(n: int, n_outputs: int = 1, *, n_features: int = 1, depth: int = 
         ridge_positive: whether ``λ > 0``; the CG paths need it (Nyström preconditioner,
             convergence), so with ``λ = 0`` only ``"direct"`` is possible.
         n_landmarks, tile: as in :func:`ntkit.scale.solve`.
+        device: where ``K`` would live; for a CUDA device its free memory replaces the
+            free RAM (the direct and out-of-core paths run on the CPU and are refused for
+            CUDA inputs by :func:`ntkit.scale.solve`).
     Returns:
         :class:`SolvePlan`.
     Raises:
@@ -157,7 +160,8 @@ def plan_solve(n: int, n_outputs: int = 1, *, n_features: int = 1, depth: int = 
     """
     if method != "auto" and method not in PATHS:
         raise ValueError(f"method must be 'auto' or one of {PATHS}; got {method!r}.")
-    free = available_ram()
+    on_gpu = device is not None and str(device).startswith("cuda")
+    free = available_memory(device) if on_gpu else available_ram()
     ram_limit = int(RAM_FRACTION * free)
     if memory_budget is not None:
         ram_limit = min(ram_limit, int(memory_budget))

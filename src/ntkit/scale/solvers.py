@@ -443,7 +443,8 @@ def _solve_planned(net: Layer, X: Any, y: Any, *, method: str, diag_reg: float,
     ridge = resolve_ridge(diag_reg, diag, absolute)
     plan = plan_solve(n, Y.shape[1], n_features=d, depth=max(1, _count_dense(net)),
                       method=method, memory_budget=memory_budget, store=store,
-                      ridge_positive=ridge > 0, n_landmarks=n_landmarks, tile=tile)
+                      ridge_positive=ridge > 0, n_landmarks=n_landmarks, tile=tile,
+                      device=t.device)
     if t.device.type != "cpu" and plan.path in ("direct", "disk_cg"):
         raise ValueError(f"The {plan.path!r} path runs on the CPU (LAPACK / zarr); move X to "
                          "the CPU or pass method='dense_cg' or 'matrix_free_cg'.")
@@ -466,9 +467,7 @@ def _solve_planned(net: Layer, X: Any, y: Any, *, method: str, diag_reg: float,
             op = paths.DenseFloat32Kernel(K)
             columns_op = op
         elif plan.path == "disk_cg":
-            from .store import kernel_to_zarr
-
-            from .store import _store_fingerprint
+            from .store import _store_fingerprint, kernel_to_zarr
 
             # One sub-directory per computation (inputs, network, kernel, tiling): the same
             # call resumes its own kernel and CG state; another (a cross-validation fold)
