@@ -263,3 +263,19 @@ def test_client_blocks_and_dask_kernel_with_scattered_inputs():
                            n_landmarks=40, tile=50)
     np.testing.assert_allclose(res.coef.numpy(), local.coef.numpy(), rtol=0,
                                atol=1e-9 * float(local.coef.abs().max()))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_in_memory_cg_paths_on_cuda():
+    X, Y, Xt = _problem()
+    alpha, _ = _reference(X, Y, Xt)
+    Xc = torch.as_tensor(X, device="cuda")
+    for method in ("dense_cg", "matrix_free_cg"):
+        res = nk.scale.solve(NET, Xc, Y, method=method, diag_reg=1e-2, tol=1e-10, tile=64,
+                             n_landmarks=60)
+        assert res.coef.device.type == "cuda" and res.converged
+        np.testing.assert_allclose(res.coef.cpu().numpy(), alpha, rtol=0,
+                                   atol=1e-4 * np.abs(alpha).max())
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        nk.scale.solve(NET, Xc, Y, method="direct", diag_reg=1e-2)
