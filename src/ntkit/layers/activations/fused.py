@@ -19,6 +19,7 @@ the eager dual. Both compute the same function: the fused one writes ``sin θ`` 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 
@@ -27,7 +28,7 @@ import torch
 #: Tiles of at least this many entries use the fused dual under ``NTKIT_FUSE=auto``.
 THRESHOLD = 1 << 20
 
-_compiled: dict[bool, object] = {}
+_compiled: dict[str, object] = {}
 _failed = False
 
 
@@ -51,6 +52,26 @@ def _abrelu_dual_ntk(cov: torch.Tensor, var1: torch.Tensor, var2: torch.Tensor,
     return nngp, ntk * dot
 
 
+def _abrelu_dual_cov_ntk(cov: torch.Tensor, var1: torch.Tensor, var2: torch.Tensor,
+                         half_sum: float, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(nngp, cov · dot)``: the map when the NTK is the covariance itself (after a first
+    layer in the NTK parameterization), a separate graph rather than an aliasing guard."""
+    nngp, dot = _abrelu_dual(cov, var1, var2, half_sum, factor)
+    return nngp, cov * dot
+
+
+def _general_shapes():
+    """Compile for independent sizes: by default equal sizes at the first call (a square
+    tile) share one symbol, and every rectangular edge tile would recompile (seconds each).
+    Sizes 1 still specialise (broadcasting), once per pattern."""
+    try:
+        import torch.fx.experimental._config as fx_config
+
+        return fx_config.patch(use_duck_shape=False)
+    except (ImportError, AttributeError):  # a torch without the option: duck sizing
+        return contextlib.nullcontext()
+
+
 def _wanted(cov: torch.Tensor) -> bool:
     mode = os.environ.get("NTKIT_FUSE", "auto").strip().lower()
     if _failed or mode in ("0", "off", "false", "no"):
@@ -69,15 +90,19 @@ def abrelu_dual(cov: torch.Tensor, var1: torch.Tensor, var2: torch.Tensor, half_
     global _failed
     if not _wanted(cov):
         return None
-    with_ntk = ntk is not None
+    # Three graphs: no NTK, an NTK tensor, and the NTK being ``cov`` itself (torch.compile
+    # would otherwise guard on the aliasing and recompile when it changes).
+    kind = "none" if ntk is None else "cov" if ntk is cov else "ntk"
     try:
-        if with_ntk not in _compiled:
-            _compiled[with_ntk] = torch.compile(_abrelu_dual_ntk if with_ntk else _abrelu_dual,
-                                                dynamic=True)
-        fn = _compiled[with_ntk]
-        if with_ntk:
-            return fn(cov, var1, var2, ntk, half_sum, factor)
-        return fn(cov, var1, var2, half_sum, factor)
+        if kind not in _compiled:
+            body = {"none": _abrelu_dual, "cov": _abrelu_dual_cov_ntk,
+                    "ntk": _abrelu_dual_ntk}[kind]
+            _compiled[kind] = torch.compile(body, dynamic=True)
+        fn = _compiled[kind]
+        with _general_shapes():
+            if kind == "ntk":
+                return fn(cov, var1, var2, ntk, half_sum, factor)
+            return fn(cov, var1, var2, half_sum, factor)
     except Exception as error:  # noqa: BLE001 - any compiler failure means: stay eager
         _failed = True
         warnings.warn(f"ntkit: the fused (torch.compile) ReLU dual is unavailable ({error!r:.200}); "
