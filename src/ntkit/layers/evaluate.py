@@ -51,6 +51,9 @@ _DEFAULT_TILE = 512
 # tiles cannot be cache-sized (one pair of 14x14 images is 300 KB), and the self covariances
 # of a B x B tile add 2/B of its work, so a few dozen pairs balance both.
 _SPATIAL_TILE_ENTRIES = 1 << 21
+# On a GPU a tile's ~100 kernel launches cost ~1 ms whatever its size, and memory is
+# plentiful: 32M entries (256 MiB per float64 tensor) keep the launches negligible.
+_SPATIAL_TILE_ENTRIES_CUDA = 1 << 25
 
 
 @dataclass
@@ -91,11 +94,13 @@ def _tile_size(memory_budget: int | None, n_kernels: int, itemsize: int, heavy: 
 
 
 def _spatial_tile_size(memory_budget: int | None, n_kernels: int, itemsize: int, heavy: bool,
-                       layout: str, per_pair: int, spatial: tuple[int, ...]) -> int:
+                       layout: str, per_pair: int, spatial: tuple[int, ...],
+                       cuda: bool = False) -> int:
     """The side ``b`` of a square tile of image pairs in a spatial layout: ``per_pair``
     entries per pair (``|S|``), so ``b²·|S|`` entries per tile tensor."""
     if memory_budget is None:
-        target = _SPATIAL_TILE_ENTRIES // (4 if heavy else 1)
+        target = (_SPATIAL_TILE_ENTRIES_CUDA if cuda else _SPATIAL_TILE_ENTRIES)
+        target //= 4 if heavy else 1
         return max(1, math.isqrt(target // per_pair))
     per_pair_bytes = (_WORKSPACE_FACTOR * (n_kernels + 1) * itemsize * (64 if heavy else 1)
                       * per_pair)
@@ -288,7 +293,7 @@ def _image_diagonal(net: Layer, images: _Images, names: tuple[str, ...], layout:
     ``(n, *S, *S)``, so chunks are sized like tiles."""
     itemsize = torch.finfo(images.x.dtype).bits // 8
     side = _spatial_tile_size(memory_budget, len(names), itemsize, bool(net.uses_quadrature),
-                              layout, images.entries(layout), images.spatial)
+                              layout, images.entries(layout), images.spatial, images.x.is_cuda)
     zero = images.x.new_zeros(())
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     tapes: list[list[torch.Tensor]] = []
@@ -449,7 +454,7 @@ def evaluate(net: Layer, t1: torch.Tensor, t2: torch.Tensor | None, names: tuple
                        _image_diagonal(net, p.images2, ("nngp",), layout, memory_budget)[1])
     size = (_tile_size(memory_budget, len(names), itemsize, heavy) if images is None else
             _spatial_tile_size(memory_budget, len(names), itemsize, heavy, layout,
-                               images.entries(layout), images.spatial))
+                               images.entries(layout), images.spatial, t1.is_cuda))
     block = max(n1, n2, 1) if block is None else block
     if p.symmetric:
         p.upper = _upper_mask(min(size, block, n1), t1.device)
