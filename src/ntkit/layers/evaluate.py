@@ -573,8 +573,10 @@ def _input_state(p: _Pair, rows: slice, cols: slice, on_diagonal: bool) -> PairK
     else:
         # (B1 P, C) @ (C, B2 P), then pixel axes after the pair axes: every pixel pair.
         g = a.transpose(1, 2).reshape(-1, channels) @ b.permute(1, 0, 2).reshape(channels, -1)
-        cov = g.view(b1, im1.pixels, b2, im1.pixels).permute(0, 2, 1, 3).div(channels)
-        cov = cov.reshape((b1, b2) + spatial + spatial)
+        g = g.div_(channels) if not g.requires_grad else g / channels
+        # One copy puts the pixel axes after the pair axes.
+        cov = g.view(b1, im1.pixels, b2, im1.pixels).permute(0, 2, 1, 3).reshape(
+            (b1, b2) + spatial + spatial)
         if same is not None:
             # Equal images: the self covariances exactly as the diagonal pass computed them.
             self1 = im1.self_state(rows, PIXEL_PAIRS)[0].unsqueeze(1)
