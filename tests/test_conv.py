@@ -402,6 +402,7 @@ def test_cuda_kernels_follow_the_inputs():
 
 
 # ------------------------------------------------------------------------- fused dual
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's own internals
 def test_fused_relu_dual_matches_the_eager_one(monkeypatch):
     """Big tiles use one compiled loop for the ReLU-family dual (NTKIT_FUSE=auto above
     fused.THRESHOLD entries); forced here on a small pooled CNN with awkward rows (equal,
