@@ -163,7 +163,7 @@ def table(rows: dict[str, dict], header: str) -> str:
         "Bundled MNIST test set, pixels/255, one fixed permutation (numpy seed 0): train = "
         "its first N_train digits, test = its last N_test (the same test digits for every "
         "row of an image size). Rows marked * were computed into resumable zarr stores "
-        "(nk.scale.kernel_matrix, 1000×1000 tiles) over several runs; their time is the sum "
+        "(nk.scale.kernel_matrix, tiles of 250 to 1000 rows) over one or more runs; their time is the sum "
         "of the runs (including each resume's read-back check). 14×14 = 2×2-averaged digits. Analytic NTK (float64, ReLU, "
         "W_std=1, b_std=0), prediction K_test,train K_train,train⁻¹ Y on one-hot targets "
         "(t = ∞, no ridge, nk.predict.gp_inference), argmax. Kernel entries = N_train·"
@@ -204,6 +204,8 @@ if __name__ == "__main__":
     parser.add_argument("--store", default=None,
                         help="directory for resumable zarr kernel stores (rows that take "
                         "longer than one run: rerun until the row finishes)")
+    parser.add_argument("--store-tile", type=int, default=STORE_TILE,
+                        help="side of the stored (resumable) kernel tiles")
     parser.add_argument("--table-only", action="store_true",
                         help="write the table from the cache without running rows")
     args = parser.parse_args()
@@ -212,6 +214,7 @@ if __name__ == "__main__":
             print(k, v)
         raise SystemExit
     set_threads(args.threads)
+    STORE_TILE = args.store_tile
     if args.quick:
         for arch in ("mlp", "cnn_flatten", "cnn_gap"):
             side = 14 if arch == "cnn_gap" else 28
