@@ -275,10 +275,11 @@ MC_NETS = {
     "strided_pooled": lambda n: nk.serial(
         nk.Conv(n, 2, 2, "valid", 1.3, 0.2), nk.ReLU(), nk.Conv(n, 3, 1, "circular", 1.2, 0.1),
         nk.Erf(), nk.AvgPool(2, 1, "same"), nk.Flatten(), nk.Dense(1, 1.1, 0.1)),
-    # A residual block and global pooling.
+    # A residual block (an even "same" window: the extra padded pixel after) and global
+    # pooling.
     "residual_gap": lambda n: nk.serial(
         nk.Conv(n, 3, 1, "same", 1.2, 0.1), nk.FanOut(2),
-        nk.parallel(nk.serial(nk.ReLU(), nk.Conv(n, 3, 1, "same", 1.0, 0.1)), nk.Identity()),
+        nk.parallel(nk.serial(nk.ReLU(), nk.Conv(n, 2, 1, "same", 1.0, 0.1)), nk.Identity()),
         nk.FanInSum(), nk.ReLU(), nk.GlobalAvgPool(), nk.Dense(1, 1.0, 0.1)),
     # LayerNorm over channels after ReLU (nonzero per-pixel means), in the pixel-pair layout.
     "layernorm_pooled": lambda n: nk.serial(
