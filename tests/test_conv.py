@@ -174,13 +174,20 @@ def test_tiles_are_sized_in_pairs_times_pixels():
     assert max(s[0] for s in singles) == 4 and all(s[1:] == (5,) * 4 for s in singles)
 
 
-def test_a_budget_below_one_pair_says_what_to_change():
+def test_a_budget_below_one_pair_says_what_to_change(monkeypatch):
     x = _images(3, h=14, w=14)
     with pytest.raises(ValueError, match=r"memory_budget=1000 bytes cannot hold one tile.*"
                                          r"14x14.*'pixel_pairs'.*Flatten"):
         nk.cnn(2, 4, pool="gap").kernel(x, memory_budget=1000)
     with pytest.raises(ValueError, match="'pixels' layout"):
         nk.cnn(2, 4, pool="flatten").kernel(x, memory_budget=1000)
+    # Without a budget: the device's free memory (here pretended to be 1 MB).
+    import ntkit.layers.evaluate as evaluate
+
+    monkeypatch.setattr(evaluate, "available_memory", lambda device: 10**6)
+    with pytest.raises(ValueError, match=r"only 976.6 KiB is free on cpu: one pair .* 14x14 .*'pixel_pairs'.*"
+                                         r"Use a machine \(or GPU\) with 14.1 MiB free"):
+        nk.cnn(2, 4, pool="gap").kernel(x)
 
 
 # ------------------------------------------------------------------ sequences, shorthands

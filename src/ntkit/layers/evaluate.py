@@ -95,27 +95,42 @@ def _tile_size(memory_budget: int | None, n_kernels: int, itemsize: int, heavy: 
 
 def _spatial_tile_size(memory_budget: int | None, n_kernels: int, itemsize: int, heavy: bool,
                        layout: str, per_pair: int, spatial: tuple[int, ...],
-                       cuda: bool = False) -> int:
+                       device: torch.device | None = None) -> int:
     """The side ``b`` of a square tile of image pairs in a spatial layout: ``per_pair``
-    entries per pair (``|S|``), so ``b²·|S|`` entries per tile tensor."""
+    entries per pair (``|S|``), so ``b²·|S|`` entries per tile tensor. Raises ValueError,
+    naming what to change, when not even one pair fits the budget (or, without a budget,
+    the device's free memory)."""
+    per_pair_bytes = (_WORKSPACE_FACTOR * (n_kernels + 1) * itemsize * (64 if heavy else 1)
+                      * per_pair)
+    cuda = device is not None and torch.device(device).type == "cuda"
     if memory_budget is None:
+        free = available_memory(device if device is not None else "cpu")
+        if per_pair_bytes > free:
+            _raise_no_pair(f"only {format_bytes(free)} is free on "
+                           f"{device if device is not None else 'cpu'}", per_pair_bytes,
+                           layout, per_pair, spatial,
+                           f"Use a machine (or GPU) with {format_bytes(per_pair_bytes)} free")
         target = (_SPATIAL_TILE_ENTRIES_CUDA if cuda else _SPATIAL_TILE_ENTRIES)
         target //= 4 if heavy else 1
         return max(1, math.isqrt(target // per_pair))
-    per_pair_bytes = (_WORKSPACE_FACTOR * (n_kernels + 1) * itemsize * (64 if heavy else 1)
-                      * per_pair)
     side = math.isqrt(max(memory_budget, 1) // per_pair_bytes)
     if side < 1:
-        what = ("every pixel pair's covariance, which pooling needs" if layout == PIXEL_PAIRS
-                else "each pixel's covariance")
-        raise ValueError(
-            f"memory_budget={memory_budget} bytes cannot hold one tile: one pair of inputs of "
-            f"spatial size {'x'.join(map(str, spatial))} needs {format_bytes(per_pair_bytes)} "
-            f"of workspace in the {layout!r} layout ({per_pair} entries per pair: {what}). "
-            f"Raise memory_budget to at least {per_pair_bytes}, or use smaller images "
-            "(downsample)" + (", or read out by Flatten() instead of pooling (H·W entries per "
-                              "pair)." if layout == PIXEL_PAIRS else "."))
+        _raise_no_pair(f"memory_budget={memory_budget} bytes cannot hold one tile",
+                       per_pair_bytes, layout, per_pair, spatial,
+                       f"Raise memory_budget to at least {per_pair_bytes}")
     return side
+
+
+def _raise_no_pair(why: str, need: int, layout: str, per_pair: int,
+                   spatial: tuple[int, ...], remedy: str) -> None:
+    what = ("every pixel pair's covariance, which pooling needs" if layout == PIXEL_PAIRS
+            else "each pixel's covariance")
+    raise ValueError(
+        f"{why}: one pair of inputs of spatial size {'x'.join(map(str, spatial))} needs "
+        f"{format_bytes(need)} of workspace in the {layout!r} layout ({per_pair} entries per "
+        f"pair: {what}). {remedy}, or use smaller images (downsample)" + (
+            ", or read out by Flatten() instead of pooling (H·W entries per pair)."
+            if layout == PIXEL_PAIRS else "."))
 
 
 def input_layout(net: Layer, t: torch.Tensor) -> str:
@@ -293,7 +308,7 @@ def _image_diagonal(net: Layer, images: _Images, names: tuple[str, ...], layout:
     ``(n, *S, *S)``, so chunks are sized like tiles."""
     itemsize = torch.finfo(images.x.dtype).bits // 8
     side = _spatial_tile_size(memory_budget, len(names), itemsize, bool(net.uses_quadrature),
-                              layout, images.entries(layout), images.spatial, images.x.is_cuda)
+                              layout, images.entries(layout), images.spatial, images.x.device)
     zero = images.x.new_zeros(())
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     tapes: list[list[torch.Tensor]] = []
@@ -454,7 +469,7 @@ def evaluate(net: Layer, t1: torch.Tensor, t2: torch.Tensor | None, names: tuple
                        _image_diagonal(net, p.images2, ("nngp",), layout, memory_budget)[1])
     size = (_tile_size(memory_budget, len(names), itemsize, heavy) if images is None else
             _spatial_tile_size(memory_budget, len(names), itemsize, heavy, layout,
-                               images.entries(layout), images.spatial, t1.is_cuda))
+                               images.entries(layout), images.spatial, t1.device))
     block = max(n1, n2, 1) if block is None else block
     if p.symmetric:
         p.upper = _upper_mask(min(size, block, n1), t1.device)
