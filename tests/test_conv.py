@@ -18,10 +18,8 @@ import torch
 import ntkit as nk
 
 F64 = torch.float64
-REF = Path(__file__).resolve().parents[2] / "shared" / "reference" / "nt" / "conv"
-if not REF.exists():  # a checkout with the references inside it
-    REF = Path(__file__).resolve().parent / "reference" / "nt" / "conv"
-CASES = json.loads((REF / "cases.json").read_text()) if REF.exists() else []
+REF = Path(__file__).resolve().parent / "reference" / "nt" / "conv"  # see its README.md
+CASES = json.loads((REF / "cases.json").read_text())
 
 
 def _layer(name: str, p: dict) -> nk.Layer:
@@ -45,7 +43,6 @@ def _case_net(case: dict) -> nk.Layer:
     return nk.serial(*(_layer(name, p) for name, p in case["layers"]))
 
 
-@pytest.mark.skipif(not CASES, reason="reference/nt/conv not available")
 @pytest.mark.parametrize("case", CASES, ids=[c["file"] for c in CASES])
 def test_matches_neural_tangents_conv_reference(case):
     data = np.load(REF / case["file"])
