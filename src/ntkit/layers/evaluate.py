@@ -9,9 +9,12 @@ tile, a network that cannot consume the inputs or does not end with one covarian
 
 Images ``(N, C, H, W)`` and sequences ``(N, C, L)``: the input covariance is the per-pixel
 channel mean ``Σ_c x_cp x'_cq / C``, and tiles are sized in *pairs × entries per pair*
-(``H·W`` for ``"pixels"``, ``(H·W)²`` plus the tile's self covariances for
-``"pixel_pairs"``), so nothing of size ``N² (H·W)²`` is ever allocated; a budget that cannot
-hold one pair raises, naming what to change.
+(``H·W`` for ``"pixels"``, ``(H·W)²`` for ``"pixel_pairs"``), so nothing of size
+``N² (H·W)²`` is ever allocated; a budget (or a device) that cannot hold one pair raises,
+naming what to change. For ``"pixel_pairs"`` a diagonal pass over each input's images comes
+first: it records what pooling layers need of each image (its pooled variances, on a
+:class:`~ntkit.layers.state.VarianceTape`) and ``k(x, x)`` for the exact diagonal, once per
+image rather than once per tile.
 It lives beside the layers so that ``Layer.kernel`` needs nothing from ``ntkit.kernels``;
 ``ntkit.kernels.analytic`` re-exports it.
 
