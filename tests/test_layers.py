@@ -166,6 +166,9 @@ def _builtin_layers() -> list[Layer]:
         nk.mlp(3, 16, "erf"),
         nk.serial(nk.Dense(4), nk.FanOut(2), nk.parallel(nk.Identity(), nk.Dense(4)),
                   nk.FanInSum(), nk.LayerNorm()),
+        nk.Conv(8), nk.Conv(8, (3, 1), (2, 1), "valid", 1.5, 0.1, "standard"), nk.AvgPool(2),
+        nk.AvgPool((2, 3), 1, "same"), nk.GlobalAvgPool(), nk.Flatten(),
+        nk.cnn(2, 4, pool="gap"), nk.myrtle(5, 4),
     ]
 
 
@@ -188,6 +191,10 @@ def test_equality_sees_every_parameter():
     assert nk.parallel(nk.ReLU(), nk.Erf()) != nk.parallel(nk.Erf(), nk.ReLU())
     assert nk.ReLU() != nk.ABReLU(0.0, 1.0)  # same numbers, but a different class
     assert nk.Cos() != nk.Sin() and nk.Erf() != nk.GELU()
+    assert nk.Conv(8) != nk.Conv(8, stride=2) and nk.Conv(8) != nk.Conv(8, padding="circular")
+    assert nk.Conv(8, 3) != nk.Conv(8, (3, 3))  # an int adapts to the inputs, a tuple does not
+    assert nk.AvgPool(2) != nk.AvgPool(2, 2) and nk.AvgPool(2) != nk.AvgPool(2, padding="same")
+    assert nk.cnn(2, 4) != nk.cnn(2, 4, pool="gap")
     # Tensor scales are trainable parameters: the same tensor is equal, another is not.
     w = torch.tensor(1.2, requires_grad=True)
     assert nk.Dense(4, w) == nk.Dense(4, w) and hash(nk.Dense(4, w)) == hash(nk.Dense(4, w))
@@ -203,6 +210,10 @@ def test_validation_names_the_parameter():
         (lambda: nk.ABReLU(a="x"), "a"), (lambda: nk.serial(), "at least one"),
         (lambda: nk.serial(nk.Dense(2), "relu"), "argument 1"),
         (lambda: nk.parallel(nk.Dense(2), 3), "branch 1"),
+        (lambda: nk.Conv(0), "out_channels"), (lambda: nk.Conv(3, 0), "kernel_size"),
+        (lambda: nk.Conv(3, (3, 3), (1,)), "stride"), (lambda: nk.Conv(3, b_std=-1), "b_std"),
+        (lambda: nk.AvgPool(2, padding="circular"), "padding"),
+        (lambda: nk.cnn(2, 4, pool="max"), "pool"), (lambda: nk.myrtle(4), "depth"),
     ]
     for build, word in cases:
         with pytest.raises(ValueError, match=word):
