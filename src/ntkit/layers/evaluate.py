@@ -41,6 +41,7 @@ from .._validation import (_describe_rows, as_input_pair, available_memory, form
                            resolve_dtype)
 from .state import (DENSE, PIXEL_PAIRS, PIXELS, PairKernel, VarianceTape, is_branches,
                     strongest)
+from .activations import fused
 from .tiles import Sink, TensorSink, block_schedule, progress_bar, spans, tile_schedule
 
 if TYPE_CHECKING:
@@ -347,6 +348,12 @@ class _Images:
     def entries(self, layout: str) -> int:
         return self.pixels * self.pixels if layout == PIXEL_PAIRS else self.pixels
 
+    @staticmethod
+    def entries_of(t: torch.Tensor, layout: str) -> int:
+        """Entries per pair of images ``t`` (``(N, C, *S)``) in ``layout``."""
+        pixels = math.prod(t.shape[2:])
+        return pixels * pixels if layout == PIXEL_PAIRS else pixels
+
     def self_state(self, rows: slice, layout: str):
         """``cov`` ``(n, *S)`` or ``(n, *S, *S)`` of the rows with themselves, and the means
         shaped like its two marginals."""
@@ -460,6 +467,15 @@ def evaluate(net: Layer, t1: torch.Tensor, t2: torch.Tensor | None, names: tuple
     whose self-kernels overflow; a ``durable`` sink is never handed a non-finite tile.
     """
     layout = input_layout(net, t1)
+    # Big convolutional evaluations may compile fused duals (activations/fused.py); dense
+    # ones keep the eager path (cache-sized tiles, already near their floor).
+    work = (0 if layout == DENSE else
+            t1.shape[0] * (t1 if t2 is None else t2).shape[0] * _Images.entries_of(t1, layout))
+    with fused.allowed(work):
+        _evaluate(net, t1, t2, names, sink, block, memory_budget, progress, labels, layout)
+
+
+def _evaluate(net, t1, t2, names, sink, block, memory_budget, progress, labels, layout):
     p = _prepare(net, t1, t2, names, labels, layout)
     n1, n2 = p.t1.shape[0], p.t2.shape[0]
     itemsize = torch.finfo(t1.dtype).bits // 8

@@ -7,10 +7,14 @@ kernels (per-pixel and pixel-pair covariances: millions of entries) that is most
 time. ``torch.compile`` fuses the whole dual into one vectorised loop (measured 4x faster
 on a 2M-entry float64 tile on one CPU core).
 
-Policy (environment variable ``NTKIT_FUSE``): ``"auto"`` (default) uses the fused dual for
-tiles of at least :data:`THRESHOLD` entries that do not require grad, so that small
-kernels (and the test suite) never pay the one-off compilation (a few seconds per tile
-shape pattern); ``"1"`` for every tile that does not require grad; ``"0"`` never. If
+Policy (environment variable ``NTKIT_FUSE``): ``"auto"`` (default) uses the fused dual
+inside convolutional evaluations big enough to repay the one-off compilation (a few
+seconds per graph; the evaluator says so with :func:`allowed`: at least :data:`MIN_WORK`
+kernel entries in all,
+pairs × entries per pair, e.g. 420×420 Flatten-read 28×28 images or 83×83 pooled 14×14
+ones) and for tiles of at least :data:`THRESHOLD` entries that do not require grad, so
+that small kernels (and the test suite) never compile; ``"1"`` for every tile that does
+not require grad; ``"0"`` never. If
 compilation fails (no C++ compiler, no Triton on a GPU), ntkit warns once and stays with
 the eager dual. Both compute the same function: the fused one writes ``sin θ`` as
 ``sqrt((1 − ρ)(1 + ρ))`` (no sine), equal to rounding, from the same rounded ``ρ`` as
@@ -20,13 +24,30 @@ the eager dual. Both compute the same function: the fused one writes ``sin θ`` 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import warnings
 
 import torch
 
-#: Tiles of at least this many entries use the fused dual under ``NTKIT_FUSE=auto``.
-THRESHOLD = 1 << 20
+#: Tiles of at least this many entries use the fused dual under ``NTKIT_FUSE=auto``...
+THRESHOLD = 1 << 16
+#: ... in evaluations of at least this many kernel entries (pairs × entries per pair): the
+#: eager dual would take about as long as compiling (seconds) well below it.
+MIN_WORK = 1 << 27
+
+_ALLOWED: contextvars.ContextVar[bool] = contextvars.ContextVar("ntkit_fuse", default=False)
+
+
+@contextlib.contextmanager
+def allowed(work: int):
+    """Within this block, ``NTKIT_FUSE=auto`` fuses if ``work`` (the evaluation's kernel
+    entries, pairs × entries per pair) is at least :data:`MIN_WORK`."""
+    token = _ALLOWED.set(work >= MIN_WORK)
+    try:
+        yield
+    finally:
+        _ALLOWED.reset(token)
 
 _compiled: dict[str, object] = {}
 _failed = False
@@ -78,7 +99,7 @@ def _wanted(cov: torch.Tensor) -> bool:
         return False
     if mode in ("1", "on", "true", "yes"):
         return True
-    return cov.numel() >= THRESHOLD
+    return _ALLOWED.get() and cov.numel() >= THRESHOLD
 
 
 def abrelu_dual(cov: torch.Tensor, var1: torch.Tensor, var2: torch.Tensor, half_sum: float,
