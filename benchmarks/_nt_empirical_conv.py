@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _nt_driver import _configure_threads, _time  # noqa: E402
+from _nt_driver import _configure_threads, _time
 
 
 def main(directory: Path) -> None:

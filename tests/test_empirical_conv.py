@@ -170,7 +170,7 @@ def test_residual_cnn_generic_methods_and_structured_refusal():
 
 
 def test_batch_statistics_are_refused_on_cnns():
-    model, shape = ZOO["pool_bn"]
+    _, shape = ZOO["pool_bn"]
     x1, _ = _inputs(shape, 6)
     train = conv_zoo()["pool_bn"][0].train()
     for method in ALL_METHODS:

@@ -18,8 +18,8 @@ from .setup import (
     _RANDOM_MESSAGE,
     _check_kernel_finite,
     _preserving_parameters,
-    _setup,
     _Setup,
+    _setup,
 )
 from .structured import STRUCTURED
 
