@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 sys.path.insert(0, str(DOCS / "_build"))
 
-from ntkit_docs import api_entries, executed_blocks, executed_names, public_api  # noqa: E402
+from ntkit_docs import api_entries, executed_blocks, executed_names, public_api
 
 TUTORIAL = ["01-parameterization", "02-ntk-limit", "03-fixed-kernel",
             "04-kernel-gradient-descent", "05-bayesian-view", "06-spectrum",
@@ -65,7 +65,7 @@ def test_executed_names_detects_use_and_absence(tmp_path):
 def _nav_pages() -> list[str]:
     text = (ROOT / "mkdocs.yml").read_text()
     nav = text[text.index("\nnav:"):]
-    return re.findall(r"^\s*-\s*(?:[^:\n]+:\s*)?([\w./-]+\.md)\s*$", nav, re.M)
+    return re.findall(r"^\s*-\s*(?:[^:\n]+:\s*)?([\w./-]+\.md)\s*$", nav, re.MULTILINE)
 
 
 def test_every_page_is_in_the_navigation_and_every_nav_entry_exists():

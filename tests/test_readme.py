@@ -12,7 +12,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def test_readme_example_runs_and_shows_a_finite_width_gap(capsys):
     text = README.read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
     assert blocks, "README.md has no python example"
     namespace: dict = {}
     exec(compile(blocks[0], str(README), "exec"), namespace)
@@ -42,7 +42,7 @@ FRESH_MACHINE_COMMANDS = [
 
 def test_readme_opens_with_its_two_fresh_machine_commands_and_documents_the_docs_build():
     text = README.read_text()
-    first_shell = re.search(r"```bash\n(.*?)```", text, flags=re.S).group(1)
+    first_shell = re.search(r"```bash\n(.*?)```", text, flags=re.DOTALL).group(1)
     commands = [line for line in first_shell.splitlines() if line and not line.startswith("#")]
     assert commands == FRESH_MACHINE_COMMANDS
     # the docs: one build command, and links into the site's sources that exist

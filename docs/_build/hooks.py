@@ -30,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # the figure helper, ntkit_docs.py, lives beside this file
     sys.path.insert(0, str(HERE))
 
-from ntkit_docs import api_entries, public_api  # noqa: E402
+from ntkit_docs import api_entries, public_api
 
 log = logging.getLogger("mkdocs.hooks.ntkit")
 _started: dict[str, float] = {}

@@ -17,8 +17,8 @@ from pathlib import Path
 
 # A fenced block that markdown-exec runs: ```python exec="on" ...``` (or exec="1"/"true").
 _EXEC_BLOCK = re.compile(r'^(?P<fence>`{3,}|~{3,})python[^\n]*\bexec="(?:on|1|true)"[^\n]*\n'
-                         r"(?P<body>.*?)^(?P=fence)[ \t]*$", re.S | re.M)
-_API_ENTRY = re.compile(r"^:::[ \t]+(?P<name>[\w.]+)[ \t]*$", re.M)
+                         r"(?P<body>.*?)^(?P=fence)[ \t]*$", re.DOTALL | re.MULTILINE)
+_API_ENTRY = re.compile(r"^:::[ \t]+(?P<name>[\w.]+)[ \t]*$", re.MULTILINE)
 
 
 def figure_html(fig, alt: str, caption: str | None = None) -> str:
@@ -90,9 +90,9 @@ def executed_names(docs_dir: Path) -> set[str]:
         owner = "(?:nk|ntkit)" if len(parts) == 2 else re.escape(parts[1])
         written = re.search(rf"\b{owner}\.{re.escape(name)}\b", code)
         imported = re.search(rf"^\s*from\s+ntkit(?:\.{re.escape(parts[1])})?\s+import\s+"
-                             rf"[^\n]*\b{re.escape(name)}\b", code, re.M) if len(parts) == 3 \
+                             rf"[^\n]*\b{re.escape(name)}\b", code, re.MULTILINE) if len(parts) == 3 \
             else re.search(rf"^\s*from\s+ntkit\s+import\s+[^\n]*\b{re.escape(name)}\b",
-                           code, re.M)
+                           code, re.MULTILINE)
         if written or imported:
             used.add(qualified)
     return used
