@@ -4,9 +4,18 @@ Declare an architecture once and get its finite-width ``torch.nn.Module``
 (``net.module``), its analytic infinite-width NNGP and NTK (``net.kernel``) and, for any
 module, its empirical NTK.
 
->>> import ntkit as nk
+>>> import torch, ntkit as nk
+>>> x = torch.randn(5, 2, dtype=torch.float64)
 >>> net = nk.mlp(depth=4, width=512)          # JGH's network
 >>> k = net.kernel(x)                          # k.nngp, k.ntk: (N, N) float64
+>>> k.ntk.shape
+torch.Size([5, 5])
+
+Convolutional networks take ``(N, C, H, W)`` images:
+
+>>> cnn = nk.cnn(depth=3, channels=64, pool="gap")
+>>> cnn.kernel(torch.rand(4, 1, 8, 8, dtype=torch.float64)).ntk.shape
+torch.Size([4, 4])
 """
 
 from .kernels import Kernels
