@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import time
 
 import numpy as np
@@ -172,13 +173,15 @@ def run_ntkit(net, x1: torch.Tensor, x2: torch.Tensor, repeats: int, warm: int
     # recompiles shape-generic code on the next; both belong to the warm-up.
     net.kernel(x1[:warm // 2 + 3], x2[:warm + 5])
     warm_s = time.perf_counter() - start
-    result = {}
+    result: dict = {"cpu": []}
 
     def call():
+        cpu = time.process_time()
         result["k"] = net.kernel(x1, x2)
+        result["cpu"].append(time.process_time() - cpu)
 
     t = timing(call, repeats, warmup=0)
-    return t, result["k"], warm_s
+    return t, result["k"], warm_s, statistics.median(result["cpu"])
 
 
 def main(n_flat: int, n_gap: int, nt_gap: tuple[int, int], repeats: int, threads: int,
@@ -223,7 +226,8 @@ def main(n_flat: int, n_gap: int, nt_gap: tuple[int, int], repeats: int, threads
     for name, readout, x1, x2, per_pair, nt_mode in cells:
         net = ntkit_net(readout)
         t1, t2 = torch.from_numpy(x1), torch.from_numpy(x2)
-        ours, k, warm_s = run_ntkit(net, t1, t2, repeats, 64 if readout == "flatten" else 16)
+        ours, k, warm_s, ours_cpu = run_ntkit(net, t1, t2, repeats,
+                                              64 if readout == "flatten" else 16)
         pairs = len(x1) * len(x2)
         entries = pairs * per_pair
         floor = floor_seconds(entries, r)
@@ -237,15 +241,20 @@ def main(n_flat: int, n_gap: int, nt_gap: tuple[int, int], repeats: int, threads
             diff = f"{max_rel_diff(ours_rows, res['out']):.1e}"
             nt_cell = f"{theirs.median:.2f} (measured)"
             speedup = f"{theirs.median / ours.median:.1f}x"
+            cpu_cell = (f"{ours_cpu:.2f} / {res['cpu_median']:.2f} / "
+                        f"{res['cpu_median'] / ours_cpu:.1f}x")
         elif res is not None:
             nt_cell, speedup, diff = f"failed: {res['error']}", "-", "-"
+            cpu_cell = f"{ours_cpu:.2f} / - / -"
         elif nt_mode == "extrapolated" and per_entry_nt_gap is not None:
             estimate = per_entry_nt_gap * pairs
             nt_cell = f"~{estimate:.0f} (extrapolated from the subset: {per_entry_nt_gap * 1e3:.2f} ms per image pair)"
             speedup = f"~{estimate / ours.median:.0f}x"
             diff = "- (subset row)"
+            cpu_cell = f"{ours_cpu:.2f} / - / -"
         else:
             nt_cell, speedup, diff = "-", "-", "-"
+            cpu_cell = f"{ours_cpu:.2f} / - / -"
         nt_first = f"{res['first']:.1f}" if res is not None and "first" in res else "-"
         if readout == "gap" and nt_mode == "extrapolated" and len(x1) != 500:
             goal_note.append(
@@ -254,7 +263,7 @@ def main(n_flat: int, n_gap: int, nt_gap: tuple[int, int], repeats: int, threads
                 f"{ours.median / pairs * 500 * 1000:.0f} s (extrapolated, not measured).")
         rows.append(f"| {name} | {len(x1)} x {len(x2)} | {entries:.3g} | {ours.median:.2f} | "
                     f"{ours.median / pairs * 1e3:.3f} | {warm_s:.1f} | {nt_cell} | {nt_first} | "
-                    f"{speedup} | {diff} | "
+                    f"{speedup} | {cpu_cell} | {diff} | "
                     f"{floor:.2f} | {ours.median / floor:.1f} |")
         print(rows[-1], flush=True)
 
@@ -271,8 +280,9 @@ def main(n_flat: int, n_gap: int, nt_gap: tuple[int, int], repeats: int, threads
         "",
         "| workload | image pairs (N1 x N2) | kernel entries | ntkit s | ntkit ms per image pair "
         "| ntkit warm-up s | neural-tangents s | NT compile + first batch s | NT / ntkit "
-        "| max rel. diff (first rows, both kernels) | floor s | ntkit / floor |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| CPU s: ntkit / NT / NT÷ntkit | max rel. diff (first rows, both kernels) | floor s "
+        "| ntkit / floor |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
         "flatten: 28x28x1 digits, Flatten readout (only the pixel-diagonal covariances: H·W "
@@ -285,6 +295,9 @@ def main(n_flat: int, n_gap: int, nt_gap: tuple[int, int], repeats: int, threads
         "times the pairs (an estimate, not a measurement: neural-tangents did not finish it in "
         "30 minutes when it was tried).",
         *goal_note,
+        "CPU columns: process CPU seconds of the same timed call on each side (robust to "
+        "other jobs taking turns on the cores, which inflate wall times; with one thread per "
+        "side they compare the work done).",
         f"Floor: {FLOOR_FLOPS} flops, {FLOOR_ARCCOS} arccos and {FLOOR_SQRT} square roots per "
         "kernel entry (counted in the script's docstring), at the rates above; no memory "
         "traffic charged.",
