@@ -51,7 +51,7 @@ from .._validation import (
 )
 from ..layers.base import Layer
 from ..layers.evaluate import _overflow_error
-from .tiled import KERNEL_CHOICES, check_net
+from ._checks import KERNEL_CHOICES, check_net
 
 
 def _kernel_block(x1: np.ndarray, x2: np.ndarray, rows1: np.ndarray, rows2: np.ndarray,

@@ -23,22 +23,15 @@ from .._validation import as_input_pair, check_choice, check_positive_int, resol
 from ..layers.base import Layer
 from ..layers.evaluate import check_dense_fits, evaluate
 from ..layers.tiles import TensorSink, block_schedule, progress_bar, spans
+from ._checks import KERNEL_CHOICES, check_net
 from .store import kernel_to_zarr
 
 __all__ = ["DEFAULT_TILE", "KERNEL_CHOICES", "check_dense_fits", "check_net", "iter_tiles",
            "kernel_matrix", "kernel_tile", "tile_slices"]
 
-KERNEL_CHOICES = ("ntk", "nngp")
 DEFAULT_TILE = 2048
 tile_slices = spans  # the spans of the evaluator's schedule
 iter_tiles = block_schedule
-
-
-def check_net(net: Any, name: str = "net") -> Layer:
-    if not isinstance(net, Layer):
-        raise ValueError(f"{name} must be an ntkit network (an nk.Layer such as nk.mlp(...)); "
-                         f"got {type(net).__name__}.")
-    return net
 
 
 def kernel_tile(net: Layer, X1: torch.Tensor, X2: torch.Tensor | None, rows: slice,
