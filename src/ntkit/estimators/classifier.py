@@ -64,8 +64,9 @@ class NTKClassifier(ClassifierMixin, _InfiniteNetworkBase):
             :class:`NTKRegressor`.
 
     Attributes:
-        classes_, net_, ridge_, n_iter_ (as :class:`NTKRegressor`); ``n_flow_evaluations_``:
-        right-hand-side evaluations of the cross-entropy flow.
+        classes_: the class labels, in the order of the outputs.
+        n_flow_evaluations_: right-hand-side evaluations of the cross-entropy flow.
+        net_, ridge_, n_iter_: as :class:`NTKRegressor`.
     """
 
     def __init__(self, net: Layer | None = None, *, depth: int = 3, activation: Any = "relu",

@@ -402,11 +402,14 @@ class NTKRegressor(_InfiniteNetworkRegressor):
             (and resume it); ``None``: never on disk.
 
     Attributes:
-        net_: the network used. ``ridge_``: the absolute ridge λ. ``n_iter_``: conjugate-
-        gradient iterations (CG paths; ``None`` otherwise). ``solver_path_``: the path that
-        fitted (``"direct"``, ``"cg"``, ``"dense_cg"``, ``"disk_cg"``,
-        ``"matrix_free_cg"``). ``solve_plan_``: the cost model's plan (``solver="auto"``
-        with ``t = inf`` and ``diag_reg > 0``; else ``None``). ``n_features_in_``.
+        net_: the network used.
+        ridge_: the absolute ridge λ.
+        n_iter_: conjugate-gradient iterations (CG paths; ``None`` otherwise).
+        solver_path_: the path that fitted (``"direct"``, ``"cg"``, ``"dense_cg"``,
+            ``"disk_cg"``, ``"matrix_free_cg"``).
+        solve_plan_: the cost model's plan (``solver="auto"`` with ``t = inf`` and
+            ``diag_reg > 0``; else ``None``).
+        n_features_in_: number of input features seen by ``fit``.
     """
 
     _get = "ntk"
