@@ -305,7 +305,7 @@ def main(n_flat: int, n_gap: int, nt_gap: tuple[int, int], repeats: int, threads
     if micro:
         lines += [
             "",
-            "## Micro-benchmark: `window_sum` (3x3, 'same', pixel pairs, scale and bias fused)",
+            "## Micro-benchmark: `window_sum` (3x3, 'same', pixel pairs, with scale and bias)",
             "",
             "| tile | MB | copy ms | window_sum ms | in copies | ns per entry "
             "| naive 9-offset ms | naive / ours |",
