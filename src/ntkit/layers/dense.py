@@ -94,12 +94,13 @@ class Dense(Layer):
         var2 = cov if k.variances_are_cov else w2 * k.var2 + b2
         ntk = k.ntk
         if ntk is not None:
+            # Products first, then plain adds: torch.add(..., alpha=) fuses a multiply-add
+            # in its vector lanes but not in its scalar tail, so an entry's last bit would
+            # depend on where it sits in the tile (and tiled results on the tile shape).
             if self.parameterization == "ntk":
-                # A tensor scale cannot be torch.add's alpha (a Python number).
-                ntk = (torch.add(cov, ntk, alpha=w2) if not isinstance(w2, torch.Tensor)
-                       else cov + ntk * w2)
+                ntk = cov + ntk * w2
             else:
-                ntk = torch.add(ntk * w2, k.cov, alpha=k.width).add_(1.0)
+                ntk = (k.cov * k.width).add_(ntk * w2).add_(1.0)
         # Each output feature is a zero-mean combination of the inputs, independent across
         # features, so the mean over infinitely many of them is exactly 0 for every example.
         # Given its input, each output is a Gaussian (the weights are), jointly over inputs
