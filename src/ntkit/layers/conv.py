@@ -288,9 +288,12 @@ class Conv(Layer):
                 # 4x4 pairs of 14x14 images (5 MB per tensor), 1 thread: 0.33 -> 0.13 ms.
                 # Only for pixel pairs: on the 16 MB "pixels" tiles of a Flatten readout it
                 # measured slower (28x28, 150x150 pairs: 0.081 -> 0.089 ms per entry).
-                ntk = torch.add(head, ntk_sum, alpha=scale, out=ntk_sum)
+                # Product, then a plain add (not torch.add's alpha=, which fuses a
+                # multiply-add in vector lanes only: an entry's last bit would depend on its
+                # position in the tile).
+                ntk = ntk_sum.mul_(scale).add_(head)
             elif exact:
-                ntk = torch.add(head, ntk_sum, alpha=scale)
+                ntk = (ntk_sum * scale).add_(head)
             else:
                 ntk = head + ntk_sum * scale
         # Each output channel is a zero-mean combination of the inputs (independent weights
