@@ -37,7 +37,7 @@ from .._validation import check_choice, check_positive_int, check_scale
 from ._conv_ops import PADDINGS, avg_pool, mean_spatial, output_size, pair_diagonal, window_sum
 from .base import Layer, is_branches
 from .combinators import Serial
-from .dense import PARAMETERIZATIONS, Dense, _value
+from .dense import PARAMETERIZATIONS, Dense, _ScaledLayerKey, _value
 from .state import DENSE, PIXEL_PAIRS, PIXELS, PairKernel
 
 __all__ = ["AvgPool", "Conv", "Flatten", "GlobalAvgPool", "cnn", "myrtle"]
@@ -161,7 +161,7 @@ def _check_images(x: torch.Tensor, module: torch.nn.Module, channels: int, d: in
 
 # ------------------------------------------------------------------------------- Conv
 @dataclass(frozen=True, init=False, repr=False, eq=False)
-class Conv(Layer):
+class Conv(_ScaledLayerKey, Layer):
     """A convolution with ``out_channels`` filters of ``kernel_size`` over images or sequences.
 
     * ``parameterization="ntk"``: ``W, b ~ N(0, 1)``,
@@ -204,19 +204,8 @@ class Conv(Layer):
         set_(self, "parameterization", check_choice(parameterization, "parameterization",
                                                     PARAMETERIZATIONS))
 
-    def _key(self) -> tuple:
-        scales = tuple(("tensor", id(v)) if isinstance(v, torch.Tensor) else v
-                       for v in (self.W_std, self.b_std))
-        return (self.features, self.kernel_size, self.stride, self.padding, *scales,
-                self.parameterization)
-
-    def __eq__(self, other: object) -> bool:
-        if type(other) is not type(self):
-            return NotImplemented
-        return self._key() == other._key()
-
-    def __hash__(self) -> int:
-        return hash(self._key())
+    _KEY_FIELDS = ("features", "kernel_size", "stride", "padding", "W_std", "b_std",
+                   "parameterization")
 
     def _window(self, d: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (_resolve(self.kernel_size, d, "kernel_size", self),

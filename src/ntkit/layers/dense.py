@@ -15,8 +15,28 @@ from .state import DENSE, PairKernel, require_dense
 PARAMETERIZATIONS = ("ntk", "standard")
 
 
+class _ScaledLayerKey:
+    """Equality and hashing over the fields named in ``_KEY_FIELDS``, for layers whose
+    ``W_std``/``b_std`` may be tensors (learnable scales): a tensor has no value hash, so it
+    is compared by identity."""
+
+    _KEY_FIELDS: tuple[str, ...] = ()
+
+    def _key(self) -> tuple:
+        values = (getattr(self, name) for name in self._KEY_FIELDS)
+        return tuple(("tensor", id(v)) if isinstance(v, torch.Tensor) else v for v in values)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+
 @dataclass(frozen=True, init=False, repr=False, eq=False)
-class Dense(Layer):
+class Dense(_ScaledLayerKey, Layer):
     """A fully connected layer ``R^{n} -> R^{out_dim}``.
 
     * ``parameterization="ntk"`` (JGH): ``W, b ~ N(0, 1)`` and
@@ -54,18 +74,7 @@ class Dense(Layer):
         object.__setattr__(self, "parameterization", check_choice(
             parameterization, "parameterization", PARAMETERIZATIONS))
 
-    def _key(self) -> tuple:
-        scales = tuple(("tensor", id(v)) if isinstance(v, torch.Tensor) else v
-                       for v in (self.W_std, self.b_std))
-        return (self.features, *scales, self.parameterization)
-
-    def __eq__(self, other: object) -> bool:
-        if type(other) is not type(self):
-            return NotImplemented
-        return self._key() == other._key()
-
-    def __hash__(self) -> int:
-        return hash(self._key())
+    _KEY_FIELDS = ("features", "W_std", "b_std", "parameterization")
 
     def out_dim(self, in_dim):
         _single_branch(in_dim)
